@@ -1,0 +1,357 @@
+"""Typed run configuration: dataclass schema, YAML loading with `base:` inheritance,
+dotted command-line overrides, and validation that runs before anything compiles.
+
+Merging and type coercion are done by OmegaConf structured configs; this module adds
+what OmegaConf does not: errors that name the closest valid key, and cross-field checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+ROUTERS = ("topk_softmax", "softmax_topk", "expert_choice")
+DISPATCHES = ("dropless", "capacity", "dense")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots_saveable")
+SCHEDULES = ("cosine", "linear", "constant")
+WANDB_MODES = ("off", "offline", "online")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; printed as one line by the CLI."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0 = dense FFN
+    top_k: int = 2
+    router: str = "topk_softmax"
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    bias_update_rate: float = 0.0  # > 0 turns on loss-free balancing
+    jitter: float = 0.0
+    router_dtype: str = "float32"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: Optional[int] = 128  # None = dim // n_heads; may differ from it (as in HF configs)
+    hidden_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: Optional[int] = None  # None = full causal attention
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe.num_experts > 0
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = None  # an existing sentencepiece model; None = train one (cached)
+    train_bytes: int = 8_000_000  # how much training text the BPE trainer sees
+    byte_fallback: bool = True
+
+
+@dataclass
+class DataConfig:
+    source: str = "python_source"
+    text_key: str = "text"
+    seq_len: int = 256
+    batch_size: int = 8
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pack: bool = True
+    num_workers: int = 0
+    shuffle_buffer_docs: int = 0  # 0 = full global shuffle of documents
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    init_from: Optional[str] = None
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class CostConfig:
+    hardware: str = "auto"
+    peak_tflops: Optional[float] = None
+    price_per_device_hour: float = 2.0
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "off"
+    wandb_project: str = "mixtral_jax"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# ---------------------------------------------------------------- loading and merging
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML file, resolving `base:` (relative to the file, then to configs/)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config inheritance loops through {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    bases = raw.pop("base", None)
+    if bases is None:
+        return raw
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else list(bases):
+        merged = _deep_merge(merged, _read_yaml(resolve_config_path(base, path.parent), seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def resolve_config_path(name: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """A config path as given, relative to a including file, or under the packaged configs/."""
+    candidates = [Path(name)]
+    if relative_to is not None:
+        candidates.insert(0, relative_to / name)
+    candidates.append(CONFIG_DIR / name)
+    if not str(name).endswith((".yaml", ".yml")):
+        candidates += [CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / "model" / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name}")
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(raw: dict, schema: type, prefix: str = "") -> None:
+    """Unknown keys are named with the closest valid one, before OmegaConf sees them."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' is a section; give it as a mapping, not {value!r}")
+            _check_keys(value, sub, f"{dotted}.")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=c` strings -> nested dict, with YAML typing of the value (`null`, `1e-3`, `true`)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = value
+    return nested
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (the union of files and overrides)."""
+    _check_keys(raw, Config)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(raw))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"config key '{key}': {msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with `base:` inheritance), apply `a.b=c` overrides, validate."""
+    raw = _read_yaml(resolve_config_path(path)) if path else {}
+    raw = _deep_merge(raw, parse_overrides(list(overrides or [])))
+    return from_dict(raw)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}{hint}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and range checks; raise ConfigError naming the offending key."""
+    m, moe, d, o, t = cfg.model, cfg.model.moe, cfg.data, cfg.optim, cfg.train
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads})")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _require(m.sliding_window is None or m.sliding_window > 0, "model.sliding_window",
+             "must be a positive number of positions, or null for full causal attention")
+    if m.head_dim is None:
+        _require(m.dim % m.n_heads == 0, "model.n_heads",
+                 f"dim ({m.dim}) must be divisible by n_heads ({m.n_heads}) when model.head_dim is null")
+        m.head_dim = m.dim // m.n_heads
+    _require(m.head_dim > 0 and m.head_dim % 2 == 0, "model.head_dim", "must be even (RoPE rotates pairs)")
+    _choice(m.dtype, DTYPES, "model.dtype")
+    _choice(m.param_dtype, DTYPES, "model.param_dtype")
+    _choice(m.remat, REMAT, "model.remat")
+    _require(moe.num_experts >= 0, "model.moe.num_experts", "must be >= 0 (0 = dense)")
+    if moe.num_experts > 0:
+        _require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
+                 f"must be between 1 and num_experts ({moe.num_experts}), got {moe.top_k}")
+    _choice(moe.router, ROUTERS, "model.moe.router")
+    _choice(moe.dispatch, DISPATCHES, "model.moe.dispatch")
+    _choice(moe.router_dtype, DTYPES, "model.moe.router_dtype")
+    _require(moe.capacity_factor > 0, "model.moe.capacity_factor", "must be positive")
+    for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
+        _require(getattr(moe, key) >= 0, f"model.moe.{key}", "must be >= 0")
+    _require(d.seq_len > 0, "data.seq_len", "must be positive")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len",
+             f"seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    _require(d.batch_size > 0, "data.batch_size", "must be positive")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.tokenizer.train_bytes > 0, "data.tokenizer.train_bytes", "must be positive")
+    source_kinds = ("python_source", "tfds:", "jsonl:", "text:")
+    _require(d.source == "python_source" or d.source.startswith(source_kinds[1:]), "data.source",
+             f"'{d.source}' must be python_source, tfds:NAME[/CONFIG], jsonl:PATH or text:DIR")
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be within [0, 1]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _choice(o.schedule, SCHEDULES, "optim.schedule")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.b1 < 1, "optim.b1", "must be within [0, 1)")
+    _require(0 <= o.b2 < 1, "optim.b2", "must be within [0, 1)")
+    _require(o.eps > 0, "optim.eps", "must be positive")
+    _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+    _require(o.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+    _require(d.batch_size % o.grad_accum == 0, "optim.grad_accum",
+             f"data.batch_size ({d.batch_size}) must be divisible by grad_accum ({o.grad_accum})")
+    _require(t.steps > 0, "train.steps", "must be positive")
+    for key in ("eval_every", "log_every", "checkpoint_every"):
+        _require(getattr(t, key) > 0, f"train.{key}", "must be positive")
+    _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    for key in ("data", "fsdp", "expert", "tensor"):
+        value = getattr(cfg.mesh, key)
+        _require(value == -1 or value >= 1, f"mesh.{key}", "must be >= 1, or -1 to fill the remaining devices")
+    _require(sum(getattr(cfg.mesh, k) == -1 for k in ("data", "fsdp", "expert", "tensor")) <= 1, "mesh",
+             "at most one axis may be -1")
+    _require(cfg.cost.peak_tflops is None or cfg.cost.peak_tflops > 0, "cost.peak_tflops", "must be positive")
+    _require(cfg.cost.price_per_device_hour >= 0, "cost.price_per_device_hour", "must be >= 0")
+    _choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
