@@ -1,0 +1,103 @@
+"""The jitted math of training: loss (LM + router aux losses), gradient accumulation,
+the optimizer update, and router metrics — all inside one compiled step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mixtral_jax.config import Config
+
+Batch = dict[str, jax.Array]
+TrainState = dict[str, Any]  # {step, params, model_state, opt_state, rng}
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum of masked token cross-entropies and the number of counted tokens (float32)."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((log_z - target_logit) * mask), jnp.sum(mask)
+
+
+def router_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Summaries of the per-layer x expert load table (fractions of token-slots)."""
+    load = aux["expert_load"]  # [layers, experts], each row sums to 1
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return {
+        "moe/load_max_over_mean": jnp.mean(jnp.max(load, axis=-1) / mean[:, 0]),
+        "moe/load_cv": jnp.mean(jnp.std(load, axis=-1) / mean[:, 0]),
+        "moe/dropped_fraction": aux["dropped_fraction"],
+        "moe/router_entropy": aux["router_entropy"],
+        "moe/expert_load": load,
+    }
+
+
+def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Build `step(state, batch) -> (state, metrics)`; jit it with the state donated."""
+    moe = cfg.model.moe
+    accum = cfg.optim.grad_accum
+    is_moe = cfg.model.is_moe
+
+    def microbatch_loss(params, model_state, mb: Batch, total_tokens):
+        model = nnx.merge(graphdef, params, model_state)
+        logits, aux = model(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+        ce_sum, count = cross_entropy_sums(logits, mb["targets"], mb["loss_mask"])
+        # Normalise by the whole batch's token count so accumulated gradients equal the
+        # full-batch gradient of the token-mean loss; router losses are averaged over microbatches.
+        objective = ce_sum / total_tokens + (moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"]) / accum
+        return objective, (ce_sum, count, aux)
+
+    grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        params, model_state = state["params"], state["model_state"]
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            grads, ce_sum, aux_sum = carry
+            (_, (ce, _, aux)), g = grad_fn(params, model_state, mb, total_tokens)
+            aux_sum = jax.tree.map(lambda a, b: a + b / accum, aux_sum, aux)
+            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, aux_sum), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        first_mb = jax.tree.map(lambda x: x[0], micro)
+        aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, first_mb, total_tokens)[0][1][2])
+        zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+        (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zero_grads, jnp.float32(0.0), zero_aux), micro)
+
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        lm_loss = ce_sum / total_tokens
+        metrics = {
+            "loss": lm_loss + moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"],
+            "lm_loss": lm_loss,
+            "aux_loss": aux["aux_loss"],
+            "z_loss": aux["z_loss"],
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(state["step"]),
+        }
+        if is_moe:
+            metrics.update(router_metrics(aux))
+        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
+    """`eval(params, model_state, batch) -> (sum of token losses, token count)`."""
+
+    def eval_step(params, model_state, batch: Batch):
+        model = nnx.merge(graphdef, params, model_state)
+        logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
+
+    return eval_step

@@ -1,0 +1,209 @@
+"""The training loop: set up a run directory, data, model and optimizer, resume if the run
+has checkpoints, then step / log / evaluate / checkpoint until `train.steps`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mixtral_jax.config import Config, ConfigError, load_config, save_config
+from mixtral_jax.data.pipeline import make_eval_batches, make_train_iterator
+from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer, unigram_entropy
+from mixtral_jax.models.transformer import Transformer, param_counts
+from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated
+from mixtral_jax.training.checkpoint import Checkpointer
+from mixtral_jax.training.metrics import MetricsLogger
+from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
+from mixtral_jax.training.step import make_eval_step, make_train_step
+
+
+class Trainer:
+    """One run: `Trainer(cfg).fit()` trains (or resumes) and returns the summary dict."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        self.mesh = make_mesh(cfg.mesh)
+        if cfg.data.batch_size % (batch_divisor(self.mesh) * cfg.optim.grad_accum):
+            raise ConfigError(
+                f"config key 'data.batch_size': {cfg.data.batch_size} must be divisible by the data-parallel "
+                f"devices ({batch_divisor(self.mesh)}) x optim.grad_accum ({cfg.optim.grad_accum})")
+        self.tokenizer = self._tokenizer()
+        self.graphdef, abstract = self._abstract_state()
+        self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+        self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self._abstract = abstract
+        step_fn = make_train_step(cfg, self.graphdef, self.tx, self.lr_schedule)
+        self.train_step = jax.jit(step_fn, donate_argnums=0)
+        self.eval_step = jax.jit(make_eval_step(self.graphdef))
+
+    # ------------------------------------------------------------------ setup
+
+    def _tokenizer(self) -> Tokenizer:
+        tok = load_or_train_tokenizer(self.cfg.data, self.cfg.model.vocab_size)
+        target = self.run_dir / "tokenizer.model"
+        if Path(tok.path).resolve() != target.resolve():
+            shutil.copyfile(tok.path, target)
+        return tok
+
+    def _init_state(self) -> dict:
+        model = Transformer(self.cfg.model, rngs=nnx.Rngs(self.cfg.run.seed))
+        _, params, model_state = nnx.split(model, nnx.Param, ...)
+        return {
+            "step": jnp.asarray(0, jnp.int32),
+            "params": params,
+            "model_state": model_state,
+            "opt_state": self.tx.init(params),
+            "rng": jax.random.PRNGKey(self.cfg.run.seed + 1),
+        }
+
+    def _abstract_state(self) -> tuple[nnx.GraphDef, Any]:
+        model = nnx.eval_shape(lambda: Transformer(self.cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+        return graphdef, None
+
+    def _fresh_state(self) -> dict:
+        state = jax.jit(self._init_state, out_shardings=replicated(self.mesh))()
+        if self.cfg.train.init_from:
+            state.update(self._load_init_weights(state))
+        return state
+
+    def _load_init_weights(self, state: dict) -> dict:
+        source = Path(self.cfg.train.init_from)
+        ckpt_dir = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        other = Checkpointer(ckpt_dir, keep=1000)
+        step = other.latest_step()
+        if step is None:
+            raise ConfigError(f"config key 'train.init_from': no checkpoint found under {ckpt_dir}")
+        abstract = {k: state[k] for k in ("params", "model_state")}
+        try:
+            weights = other.restore_weights(step, abstract)
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"config key 'train.init_from': checkpoint {ckpt_dir}/{step} does not match this "
+                              f"model config ({str(err).splitlines()[0][:200]})") from None
+        other.close()
+        return weights
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        state = self._fresh_state()
+        data_iter = make_train_iterator(cfg.data, self.tokenizer, seed=cfg.run.seed,
+                                        shard_index=jax.process_index(), shard_count=jax.process_count())
+        eval_batches = make_eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batches)
+        start = self.checkpointer.latest_step()
+        if start is not None:
+            state, data_state, _ = self.checkpointer.restore(start, state)
+            data_iter.set_state(data_state)
+            _truncate_metrics(self.run_dir, start)
+        start = int(state["step"])
+        counts = param_counts(cfg.model)
+        logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=start,
+                               wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                               run_name=cfg.run.name, config=asdict(cfg), progress=cfg.logging.progress)
+        if start:
+            logger.write(f"resumed {self.run_dir} at step {start}")
+        to_device = batch_sharding(self.mesh)
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        window: list[dict] = []
+        window_start = time.perf_counter()
+        eval_metrics: dict[str, float] = {}
+        try:
+            for step in range(start, cfg.train.steps):
+                batch = jax.device_put(_global_batch(next(data_iter)), to_device)
+                state, metrics = self.train_step(state, batch)
+                window.append(metrics)
+                done = step + 1
+                logger.advance()
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    host = _mean_metrics(jax.device_get(window))
+                    elapsed = time.perf_counter() - window_start
+                    host.update(tokens_seen=done * tokens_per_step, step_time_s=elapsed / len(window),
+                                tokens_per_s=len(window) * tokens_per_step / elapsed)
+                    if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                        eval_metrics = self.evaluate(state, eval_batches)
+                        host.update(eval_metrics)
+                    logger.log(done, host)
+                    window, window_start = [], time.perf_counter()
+                elif done % cfg.train.eval_every == 0:
+                    eval_metrics = self.evaluate(state, eval_batches)
+                    logger.log(done, eval_metrics)
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                    self.checkpointer.save(done, state, data_iter.get_state(), {"config_name": cfg.run.name})
+            summary = self._summary(state, eval_batches, eval_metrics, counts)
+            logger.summary(summary)
+        finally:
+            self.checkpointer.close()
+            logger.close()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def evaluate(self, state: dict, eval_batches: list[dict]) -> dict[str, float]:
+        if not eval_batches:
+            return {}
+        totals = [self.eval_step(state["params"], state["model_state"], jax.device_put(b, batch_sharding(self.mesh)))
+                  for b in eval_batches]
+        loss_sum, count = (float(sum(x)) for x in zip(*jax.device_get(totals)))
+        loss = loss_sum / max(count, 1.0)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def _summary(self, state: dict, eval_batches: list[dict], eval_metrics: dict, counts: dict) -> dict:
+        held_out_tokens = [b["targets"][b["loss_mask"] > 0] for b in eval_batches]
+        entropy = unigram_entropy(np.concatenate(held_out_tokens)) if held_out_tokens else float("nan")
+        last = _last_record(self.run_dir)
+        return {
+            "run": self.cfg.run.name,
+            "steps": int(state["step"]),
+            "tokens_seen": int(state["step"]) * self.cfg.data.batch_size * self.cfg.data.seq_len,
+            "final_loss": last.get("loss"),
+            "eval_loss": eval_metrics.get("eval_loss"),
+            "eval_ppl": eval_metrics.get("eval_ppl"),
+            "unigram_entropy": entropy,
+            "params_total": counts["total"],
+            "params_active": counts["active"],
+        }
+
+
+def _global_batch(batch: dict) -> dict:
+    """The process-local slice as numpy; a multi-host issue assembles global arrays here."""
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def _mean_metrics(window: list[dict]) -> dict[str, Any]:
+    keys = window[-1].keys()
+    return {k: np.mean(np.stack([np.asarray(m[k]) for m in window]), axis=0) for k in keys}
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records an interrupted run logged after its last checkpoint (they are redone)."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _last_record(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train_records = [r for r in records if "loss" in r]
+    return train_records[-1] if train_records else {}
+
+
+def train(config_path: str | None, overrides: list[str] | None = None) -> dict:
+    return Trainer(load_config(config_path, overrides)).fit()
