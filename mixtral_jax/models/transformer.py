@@ -1,0 +1,180 @@
+"""Decoder-only transformer (Mistral dense / Mixtral MoE) with layers stacked and scanned,
+and parameter counting without allocation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.config import ModelConfig
+from mixtral_jax.models.attention import Attention
+from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
+from mixtral_jax.models.moe import MoEBlock
+
+LAYERS_AXIS = "layers"
+# Metadata transform for nnx.vmap / nnx.scan: the stacked axis of every layer parameter is
+# named "layers" in its logical sharding (added on creation, stripped inside the scan body).
+_LAYER_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
+
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,  # save nothing, recompute the whole layer in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+}
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)); ffn = MLP or MoEBlock."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = as_dtype(cfg.param_dtype)
+        self.is_moe = cfg.is_moe
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
+        if cfg.is_moe:
+            self.ffn = MoEBlock(cfg, rngs=rngs)
+        else:
+            out_std = INIT_STD / (2 * cfg.n_layers) ** 0.5
+            self.ffn = MLP(cfg.dim, cfg.hidden_dim, dtype=cfg.dtype, param_dtype=pdt, out_std=out_std, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
+        if self.is_moe:
+            y, stats = self.ffn(self.ffn_norm(x))
+        else:
+            y = self.ffn(self.ffn_norm(x))
+            zero = jnp.zeros((), jnp.float32)
+            stats = {"aux_loss": zero, "z_loss": zero}
+        return x + y.astype(x.dtype), stats
+
+
+class Transformer(nnx.Module):
+    """tokens [B, T] -> (logits [B, T, vocab] float32, aux).
+
+    aux: `aux_loss`, `z_loss` (means over layers, unscaled; 0 for dense models) and, for MoE,
+    `expert_load` [n_layers, E], `router_entropy`, `dropped_fraction` (means over layers).
+    Layer parameters are stacked on a leading "layers" axis (self.blocks) and applied with
+    nnx.scan, so compile time does not grow with depth.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.remat not in ("none", *REMAT_POLICIES):
+            raise ValueError(f"model.remat '{cfg.remat}' is not one of none, {', '.join(REMAT_POLICIES)}")
+        # Keep scalars, not the (unhashable) config dataclass: module statics go in the graphdef.
+        self.is_moe = cfg.is_moe
+        self.tie_embeddings = cfg.tie_embeddings
+        self.remat = cfg.remat
+        self.dtype = as_dtype(cfg.dtype)
+        pdt = as_dtype(cfg.param_dtype)
+
+        self.embed = make_param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pdt)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYER_METADATA)
+        def make_blocks(layer_rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=layer_rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
+        if not cfg.tie_embeddings:
+            self.lm_head = make_param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pdt)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        dt = self.dtype
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+
+        def layer(block: Block, x: jax.Array, pos: jax.Array, seg: jax.Array):
+            return block(x, pos, seg)
+
+        if self.remat != "none":
+            # Checkpoint each layer inside the scan; prevent_cse is unnecessary under scan.
+            layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
+                  transform_metadata=_LAYER_METADATA)
+        def run_layers(x: jax.Array, block: Block, pos: jax.Array, seg: jax.Array):
+            return layer(block, x, pos, seg)
+
+        x, stats = run_layers(x, self.blocks, positions, segment_ids)  # stats: [n_layers, ...]
+        x = self.final_norm(x)
+
+        if self.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+
+        aux = {"aux_loss": jnp.mean(stats["aux_loss"]), "z_loss": jnp.mean(stats["z_loss"])}
+        if self.is_moe:
+            aux["expert_load"] = stats["expert_load"]
+            aux["router_entropy"] = jnp.mean(stats["router_entropy"])
+            aux["dropped_fraction"] = jnp.mean(stats["dropped_fraction"])
+        return logits.astype(jnp.float32), aux
+
+
+# ---------------------------------------------------------------- parameter counting
+
+
+def _component(path: tuple[Any, ...], is_moe: bool) -> str:
+    """Which reported component a parameter (by its state path) belongs to."""
+    names = [str(p) for p in path]
+    if names[0] == "embed":
+        return "embedding"
+    if names[0] == "lm_head":
+        return "lm_head"
+    if any(n.endswith("norm") for n in names):
+        return "norms"
+    if "attn" in names:
+        return "attention"
+    if "router" in names:
+        return "router"
+    if "ffn" in names:
+        return "experts" if is_moe else "mlp"
+    raise ValueError(f"unaccounted parameter {'/'.join(names)}")
+
+
+def _count_by_component(model: Transformer, is_moe: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = _component(path, is_moe)
+        size = 1
+        for dim in var.shape:
+            size *= int(dim)
+        counts[name] = counts.get(name, 0) + size
+    return counts
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Per-component parameter counts plus `total` and `active` (per token), without allocating.
+
+    active = total - (E - k) / E * expert parameters: the router and both embeddings count
+    as active (the Mixtral paper's 12.9B convention).
+    """
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    counts = _count_by_component(abstract, cfg.is_moe)
+    total = sum(counts.values())
+    inactive = 0
+    if cfg.is_moe:
+        e, k = cfg.moe.num_experts, cfg.moe.top_k
+        inactive = counts["experts"] * (e - k) // e  # exact: every expert has the same size
+    return {**counts, "total": total, "active": total - inactive}
+
+
+def count_parameters(model: nnx.Module) -> int:
+    """Number of scalar parameters (nnx.Param leaves) of an instantiated model."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
