@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,23 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots_saveable")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("off", "offline", "online")
+AUX_LOSS_SCOPES = ("batch", "sequence")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so `wandb: off` stays the string 'off'."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ConfigError(ValueError):
@@ -44,9 +62,11 @@ class MoEConfig:
     num_experts: int = 0  # 0 = dense FFN
     top_k: int = 2
     router: str = "topk_softmax"
+    renormalize: bool = False  # softmax_topk only: rescale the k weights to sum to 1
     dispatch: str = "dropless"
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.01
+    aux_loss_scope: str = "batch"  # batch (Switch/GShard, global batch) | sequence (per sequence, averaged)
     z_loss_coef: float = 0.001
     bias_update_rate: float = 0.0  # > 0 turns on loss-free balancing
     jitter: float = 0.0
@@ -170,7 +190,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -233,7 +253,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = _yaml_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
         node = nested
@@ -317,6 +337,7 @@ def validate(cfg: Config) -> None:
     _choice(moe.router, ROUTERS, "model.moe.router")
     _choice(moe.dispatch, DISPATCHES, "model.moe.dispatch")
     _choice(moe.router_dtype, DTYPES, "model.moe.router_dtype")
+    _choice(moe.aux_loss_scope, AUX_LOSS_SCOPES, "model.moe.aux_loss_scope")
     _require(moe.capacity_factor > 0, "model.moe.capacity_factor", "must be positive")
     for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
         _require(getattr(moe, key) >= 0, f"model.moe.{key}", "must be >= 0")

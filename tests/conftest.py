@@ -4,3 +4,18 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory):
+    """One embedded-corpus build and tokenizer training shared by the whole test session."""
+    cache = tmp_path_factory.getbasetemp() / "mixtral_jax_cache"
+    previous = os.environ.get("MIXTRAL_JAX_CACHE")
+    os.environ["MIXTRAL_JAX_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("MIXTRAL_JAX_CACHE", None)
+    else:
+        os.environ["MIXTRAL_JAX_CACHE"] = previous

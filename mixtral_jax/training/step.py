@@ -81,7 +81,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             "lm_loss": lm_loss,
             "aux_loss": aux["aux_loss"],
             "z_loss": aux["z_loss"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state["step"]),
         }
         if is_moe:

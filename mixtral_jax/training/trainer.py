@@ -41,11 +41,10 @@ class Trainer:
                 f"config key 'data.batch_size': {cfg.data.batch_size} must be divisible by the data-parallel "
                 f"devices ({batch_divisor(self.mesh)}) x optim.grad_accum ({cfg.optim.grad_accum})")
         self.tokenizer = self._tokenizer()
-        self.graphdef, abstract = self._abstract_state()
+        self.graphdef = self._graphdef()
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
         self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        self._abstract = abstract
         step_fn = make_train_step(cfg, self.graphdef, self.tx, self.lr_schedule)
         self.train_step = jax.jit(step_fn, donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.graphdef))
@@ -70,10 +69,10 @@ class Trainer:
             "rng": jax.random.PRNGKey(self.cfg.run.seed + 1),
         }
 
-    def _abstract_state(self) -> tuple[nnx.GraphDef, Any]:
+    def _graphdef(self) -> nnx.GraphDef:
         model = nnx.eval_shape(lambda: Transformer(self.cfg.model, rngs=nnx.Rngs(0)))
         graphdef, _, _ = nnx.split(model, nnx.Param, ...)
-        return graphdef, None
+        return graphdef
 
     def _fresh_state(self) -> dict:
         state = jax.jit(self._init_state, out_shardings=replicated(self.mesh))()
@@ -99,8 +98,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self) -> dict:
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Train to `train.steps` (or stop early after step `stop_at`, checkpointed, as a
+        preempted job would); returns the summary."""
         cfg = self.cfg
+        last_step = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
         state = self._fresh_state()
         data_iter = make_train_iterator(cfg.data, self.tokenizer, seed=cfg.run.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -123,7 +125,7 @@ class Trainer:
         window_start = time.perf_counter()
         eval_metrics: dict[str, float] = {}
         try:
-            for step in range(start, cfg.train.steps):
+            for step in range(start, last_step):
                 batch = jax.device_put(_global_batch(next(data_iter)), to_device)
                 state, metrics = self.train_step(state, batch)
                 window.append(metrics)
@@ -142,7 +144,7 @@ class Trainer:
                 elif done % cfg.train.eval_every == 0:
                     eval_metrics = self.evaluate(state, eval_batches)
                     logger.log(done, eval_metrics)
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                if done % cfg.train.checkpoint_every == 0 or done == last_step:
                     self.checkpointer.save(done, state, data_iter.get_state(), {"config_name": cfg.run.name})
             summary = self._summary(state, eval_batches, eval_metrics, counts)
             logger.summary(summary)
