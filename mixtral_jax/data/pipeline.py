@@ -1,0 +1,359 @@
+"""grain input pipeline: documents -> tokens -> packed rows -> batches, checkpointable.
+
+Layout. Row r of every global batch comes from its own *row stream* r: the (shuffled,
+repeated) document sequence d_0, d_1, ... is dealt round-robin, stream r getting
+d_r, d_{r+B}, d_{r+2B}, ... (B = global batch size), and each stream concatenates its
+documents ([BOS] text [EOS]) and splits them into rows of seq_len + 1 tokens. So:
+  * a process only tokenizes the rows it owns: shard i of n holds streams
+    [i*B/n, (i+1)*B/n), and the shards' rows together are exactly the global batch,
+    which does not depend on the number of processes;
+  * every batch mixes B different documents even when one document spans many rows;
+  * grain's mp_prefetch deals the streams out to worker processes and re-interleaves
+    them round-robin, so the batches are the same for any `num_workers` dividing B/n.
+Held-out batches instead pack the validation split as one stream and keep evenly spaced
+rows, so a few eval batches still cover many files at every depth.
+
+Batches are numpy dicts, B = this process's rows, T = seq_len:
+  inputs, targets   int32[B, T]    targets[:, t] = the token after inputs[:, t]
+  segment_ids       int32[B, T]    1, 2, ... per document piece within a row; 0 = padding
+  positions         int32[B, T]    0 at each piece's first token (RoPE positions)
+  loss_mask         float32[B, T]  1 where the target is in the input's document (EOS
+                                   included), 0 across a document boundary and on padding
+Attention should be causal within equal, non-zero segment_ids.
+
+Iterator state (`it.get_state()`) is a small JSON-serialisable dict: per stream, the grain
+state of its document iterator before the current document plus the offset into it, wrapped
+with a description of the pipeline so that a state from a different one is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from mixtral_jax.config import DataConfig
+from mixtral_jax.data.corpus import load_documents
+from mixtral_jax.data.tokenizer import Tokenizer, unigram_entropy
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED = 0  # held-out batches never depend on the run seed
+
+
+class _Encode:
+    """Document -> int32 [BOS, ..., EOS]. A class (not a lambda) so it pickles to workers."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> np.ndarray:
+        tok = self.tokenizer
+        return np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], np.int32)
+
+
+# ---------------------------------------------------------------- packing
+
+
+class PackIterDataset(grain.IterDataset):
+    """Token arrays -> rows of exactly `length` tokens with per-row segment ids (1, 2, ...)
+    and positions restarting at 0 for every segment (also for the continuation of a document
+    split across rows, which keeps positions < length). With `concat=False` a row never holds
+    two documents (its tail is padded). A finite parent's last row is padded."""
+
+    def __init__(self, parent: grain.IterDataset, length: int, concat: bool = True):
+        super().__init__(parent)
+        self._length = length
+        self._concat = concat
+
+    def __iter__(self) -> "_PackIterator":
+        return _PackIterator(self._parent.__iter__(), self._length, self._concat)
+
+    def __str__(self) -> str:
+        return f"PackIterDataset(length={self._length}, concat={self._concat})"
+
+
+class _PackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, length: int, concat: bool):
+        super().__init__(parent)
+        self._length = length
+        self._concat = concat
+        self._head: np.ndarray | None = None  # the document being cut into rows
+        self._head_state = copy.deepcopy(parent.get_state())  # parent state before _head
+        self._offset = 0  # tokens of _head already emitted
+
+    def _next_document(self) -> bool:
+        self._head_state = copy.deepcopy(self._parent.get_state())
+        try:
+            self._head = next(self._parent)
+        except StopIteration:
+            self._head = None
+            return False
+        self._offset = 0
+        return True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        tokens = np.zeros(self._length, np.int32)
+        segments = np.zeros(self._length, np.int32)
+        positions = np.zeros(self._length, np.int32)
+        filled = segment = 0
+        while filled < self._length:
+            if self._head is None or self._offset >= len(self._head):
+                if (filled and not self._concat) or not self._next_document():
+                    break
+                continue  # re-check: the new document may be empty
+            take = min(self._length - filled, len(self._head) - self._offset)
+            segment += 1
+            tokens[filled:filled + take] = self._head[self._offset:self._offset + take]
+            segments[filled:filled + take] = segment
+            positions[filled:filled + take] = np.arange(take)
+            filled += take
+            self._offset += take
+        if filled == 0:
+            raise StopIteration
+        return {"tokens": tokens, "segment_ids": segments, "positions": positions}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": copy.deepcopy(self._head_state), "offset": self._offset,
+                "has_head": self._head is not None}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        # Re-read (and re-tokenize) the current document rather than storing its tokens.
+        self._parent.set_state(copy.deepcopy(state["parent"]))
+        self._head_state = copy.deepcopy(state["parent"])
+        self._head, self._offset = None, 0
+        if state["has_head"]:
+            self._head = next(self._parent)
+            self._offset = int(state["offset"])
+
+
+# ---------------------------------------------------------------- row streams
+
+
+class RoundRobinIterDataset(grain.IterDataset):
+    """Rows from several streams in turn: s_0, s_1, ..., s_{k-1}, s_0, ... A finished stream
+    contributes all-padding rows; iteration stops at the start of a round once every
+    stream has finished, so batches of one round each are always full (the last may be
+    all padding).
+    Supports grain's in-place slicing, so `mp_prefetch` gives worker w the streams w::W."""
+
+    def __init__(self, streams: Sequence[grain.IterDataset], length: int):
+        super().__init__(list(streams))
+        self._length = length
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        if sequential_slice:
+            raise ValueError("RoundRobinIterDataset needs strided (not sequential) slicing")
+        self._parents = tuple(self._parents[sl])
+
+    def __iter__(self) -> "_RoundRobinIterator":
+        return _RoundRobinIterator([p.__iter__() for p in self._parents], self._length)
+
+    def __str__(self) -> str:
+        return f"RoundRobinIterDataset(streams={len(self._parents)})"
+
+
+class _RoundRobinIterator(grain.DatasetIterator):
+    def __init__(self, streams: list[grain.DatasetIterator], length: int):
+        super().__init__(streams)
+        self._length = length
+        self._next = 0
+        self._done = [False] * len(streams)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._next == 0 and all(self._done):
+            raise StopIteration
+        index = self._next
+        self._next = (index + 1) % len(self._parents)
+        if not self._done[index]:
+            try:
+                return next(self._parents[index])
+            except StopIteration:
+                self._done[index] = True
+        zeros = np.zeros(self._length, np.int32)
+        return {"tokens": zeros, "segment_ids": zeros.copy(), "positions": zeros.copy()}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"streams": [p.get_state() for p in self._parents], "next": self._next,
+                "done": list(self._done)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state["streams"]) != len(self._parents):
+            raise ValueError(f"iterator state has {len(state['streams'])} row streams, this "
+                             f"iterator has {len(self._parents)} (batch_size / shard_count changed?)")
+        for parent, sub in zip(self._parents, state["streams"]):
+            parent.set_state(sub)
+        self._next = int(state["next"])
+        self._done = [bool(d) for d in state["done"]]
+
+
+def _to_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stacked (b, T+1) rows -> model inputs. A target counts only if it is in the same
+    document as its input: EOS is predicted, the next document's BOS is not."""
+    tokens, seg = rows["tokens"], rows["segment_ids"]
+    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+    return {
+        "inputs": np.ascontiguousarray(tokens[:, :-1], np.int32),
+        "targets": np.ascontiguousarray(tokens[:, 1:], np.int32),
+        "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
+        "positions": np.ascontiguousarray(rows["positions"][:, :-1], np.int32),
+        "loss_mask": same_doc.astype(np.float32),
+    }
+
+
+def _absl_flags_parsed() -> None:
+    """grain's mp_prefetch reads absl flags, which raises in programs that never parse them
+    (google/grain#1355); declaring them parsed keeps every flag at its default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _local_rows(batch_size: int, shard_index: int, shard_count: int) -> range:
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
+    if batch_size % shard_count:
+        raise ValueError(f"data.batch_size ({batch_size}) must be divisible by the number of "
+                         f"data shards / processes ({shard_count})")
+    per = batch_size // shard_count
+    return range(shard_index * per, (shard_index + 1) * per)
+
+
+def _workers(requested: int, rows: int) -> int:
+    """Worker w gets streams w::W; re-interleaving restores the row order only if W | rows."""
+    if requested <= 0:
+        return 0
+    return max(w for w in range(1, min(requested, rows) + 1) if rows % w == 0)
+
+
+def _build(docs: Sequence[str], tokenizer: Tokenizer, cfg: DataConfig, *, seed: int, train: bool,
+           rows: range, streams: int, num_workers: int = 0) -> grain.IterDataset:
+    """Rows `rows` of the `streams` row streams, batched one round (len(rows)) at a time."""
+    if len(docs) == 0:
+        raise ValueError(f"{getattr(docs, 'name', 'data')}: no documents")
+    source = grain.MapDataset.source(docs)
+    if train:
+        if cfg.shuffle_buffer_docs > 0:  # bounded-window shuffle for very large sources
+            source = grain.experimental.WindowShuffleMapDataset(
+                source, window_size=cfg.shuffle_buffer_docs, seed=seed)
+        else:
+            source = source.shuffle(seed=seed)  # reshuffled every epoch once repeated
+        source = source.repeat(None)
+    else:
+        source = source.shuffle(seed=seed)  # a fixed mix of held-out files
+    encode = _Encode(tokenizer)
+    length = cfg.seq_len + 1
+    # No read-ahead threads: each stream tokenizes a document only when it needs one (the
+    # default 16 threads x 500 documents per stream would tokenize the corpus up front).
+    inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    ds: grain.IterDataset = RoundRobinIterDataset(
+        [PackIterDataset(source[r::streams].map(encode).to_iter_dataset(inline), length, concat=cfg.pack)
+         for r in rows], length)
+    workers = _workers(num_workers, len(rows))
+    if workers:
+        if workers != num_workers:
+            log.info("data.num_workers=%d -> %d (must divide the %d local rows)",
+                     num_workers, workers, len(rows))
+        _absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return ds.batch(len(rows), drop_remainder=False).map(_to_batch)
+
+
+class DataIterator(grain.DatasetIterator):
+    """The pipeline's grain iterator plus a description of the pipeline it belongs to. Being
+    a grain DatasetIterator, `grain.checkpoint.CheckpointSave/Restore` can store its state
+    (one JSON file per process); `set_state` refuses a state saved by another pipeline
+    (seed, source, batch layout, workers, tokenizer) instead of silently resuming elsewhere."""
+
+    def __init__(self, parent: grain.DatasetIterator, spec: dict[str, Any]):
+        super().__init__(parent)
+        self.spec = spec
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": dict(self.spec), "grain": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("pipeline", {}) if isinstance(state, dict) else {}
+        changed = sorted(k for k in self.spec.keys() | saved.keys() if saved.get(k) != self.spec.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {saved.get(k)!r} -> {self.spec.get(k)!r}" for k in changed)
+            raise ValueError(f"data iterator state belongs to a different pipeline ({diff})")
+        self._parent.set_state(state["grain"])
+
+
+def _spec(cfg: DataConfig, tokenizer: Tokenizer, seed: int, rows: range, workers: int) -> dict:
+    tok_id = getattr(tokenizer, "fingerprint", type(tokenizer).__name__)
+    return {"source": cfg.source, "text_key": cfg.text_key, "seq_len": cfg.seq_len,
+            "pack": cfg.pack, "batch_size": cfg.batch_size, "rows": f"{rows.start}:{rows.stop}",
+            "num_workers": workers, "seed": seed, "shuffle_buffer_docs": cfg.shuffle_buffer_docs,
+            "tokenizer": tok_id}
+
+
+def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, seed: int,
+                        shard_index: int = 0, shard_count: int = 1) -> DataIterator:
+    """Endless iterator of this process's `batch_size // shard_count` rows of each global
+    training batch (dict layout in the module docstring). `get_state()` / `set_state()`
+    resume it exactly; call `close()` when done if `num_workers` > 0."""
+    rows = _local_rows(cfg.batch_size, shard_index, shard_count)
+    docs = load_documents(cfg, "train")
+    ds = _build(docs, tokenizer, cfg, seed=seed, train=True, rows=rows, streams=cfg.batch_size,
+                num_workers=cfg.num_workers)
+    return DataIterator(iter(ds), _spec(cfg, tokenizer, seed, rows, _workers(cfg.num_workers, len(rows))))
+
+
+EVAL_SPREAD = 20  # eval rows are every k-th row (k <= this) of the packed validation stream
+EVAL_SCAN_TOKENS = 4_000_000  # ... scanning at most about this many validation tokens
+
+
+def make_eval_batches(cfg: DataConfig, tokenizer: Tokenizer, num_batches: int, *,
+                      shard_index: int = 0, shard_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Held-out batches, the same on every call and independent of the run seed.
+
+    The validation documents (fixed order) are packed into one stream and every k-th row is
+    kept, so the few eval rows sample many files at all depths rather than the first rows of
+    a few files; fewer batches if the split is small; padding rows have loss_mask 0.
+    """
+    rows = _local_rows(cfg.batch_size, shard_index, shard_count)
+    need = num_batches * cfg.batch_size
+    if need == 0:
+        return []
+    docs = load_documents(cfg, "validation")
+    spread = max(1, min(EVAL_SPREAD, EVAL_SCAN_TOKENS // (need * (cfg.seq_len + 1))))
+    ds = _build(docs, tokenizer, cfg, seed=EVAL_SEED, train=False, rows=range(1), streams=1)
+    stream = [b for b in itertools.islice(ds, need * spread) if b["segment_ids"].any()]
+    stride = max(1, len(stream) // need)
+    picked = stream[::stride][:need]
+    if len(picked) < need:  # a small split: pad to whole batches (loss_mask 0 there)
+        log.warning("validation split gives only %d of %d eval rows", len(picked), need)
+        blank = {k: np.zeros_like(v) for k, v in picked[0].items()}
+        picked += [blank] * (-len(picked) % cfg.batch_size)
+    batches = []
+    for start in range(0, len(picked), cfg.batch_size):
+        group = picked[start:start + cfg.batch_size][rows.start:rows.stop]
+        batches.append({k: np.concatenate([g[k] for g in group]) for k in group[0]})
+    return batches
+
+
+def heldout_unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer, max_tokens: int = 1_000_000) -> float:
+    """Unigram entropy (nats/token) of up to `max_tokens` of the validation split (documents
+    in the eval order, BOS excluded as it is never a target): the loss of the best
+    context-free predictor on held-out text. Measure it on the split, not on a few eval
+    batches: with far fewer tokens than vocabulary entries the estimate is biased low."""
+    docs = load_documents(cfg, "validation")
+    order = grain.MapDataset.range(len(docs)).shuffle(seed=EVAL_SEED)
+    chunks, total = [], 0
+    for index in order:
+        ids = tokenizer.encode(docs[int(index)]) + [tokenizer.eos_id]
+        chunks.append(np.asarray(ids[: max_tokens - total], np.int64))
+        total += len(chunks[-1])
+        if total >= max_tokens:
+            break
+    return unigram_entropy(np.concatenate(chunks))
