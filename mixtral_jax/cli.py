@@ -13,9 +13,15 @@ from mixtral_jax.config import ConfigError, load_config
 def cmd_train(args: argparse.Namespace) -> int:
     from mixtral_jax.training.trainer import Trainer
 
-    summary = Trainer(load_config(args.config, args.overrides)).fit()
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg).fit()
     print(json.dumps(summary, indent=2))
-    return 0
+    if summary.get("eval_loss") is not None:
+        gap = summary["unigram_entropy"] - summary["eval_loss"]
+        print(f"held-out loss {summary['eval_loss']:.3f} nats/token (perplexity {summary['eval_ppl']:.1f}) vs "
+              f"unigram entropy {summary['unigram_entropy']:.3f}: {gap:+.3f} nats below token frequencies alone")
+    print(f"run directory: {cfg.run_dir}")
+    return 130 if summary.get("stopped_by") else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

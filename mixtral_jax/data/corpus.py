@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -154,6 +155,20 @@ def _python_source_builder_cls() -> type:
     return MixtralJaxPythonSource
 
 
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """tfds narrates a 'download' that does not happen, on stdout and through absl."""
+    from absl import logging as absl_logging
+
+    previous = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logging.set_verbosity(previous)
+
+
 def python_source_dir() -> Path:
     return cache_dir() / "tfds"
 
@@ -167,11 +182,11 @@ def build_python_source(data_dir: Path | None = None) -> Path:
     info = data_dir / PYTHON_SOURCE_NAME / PYTHON_SOURCE_CONFIG / str(builder_cls.VERSION)
     if (info / "dataset_info.json").is_file():  # fast path without touching tfds
         return data_dir
-    with file_lock(data_dir / f".{PYTHON_SOURCE_NAME}.lock"):
+    with file_lock(data_dir / f".{PYTHON_SOURCE_NAME}.lock"), _quiet_tfds():
         builder = builder_cls(config=PYTHON_SOURCE_CONFIG, data_dir=str(data_dir),
                               file_format="array_record")
         if not builder.is_prepared():  # another process may have built it meanwhile
-            log.info("building the python_source corpus into %s (one time)", data_dir)
+            print(f"building the embedded python_source corpus into {data_dir} (one time)", file=sys.stderr)
             tfds.disable_progress_bar()
             builder.download_and_prepare()
     return data_dir

@@ -1,80 +1,154 @@
 """Expert dispatch strategies: how routed tokens reach the stacked SwiGLU experts and come back.
 
-Every dispatcher has the signature
-    dispatch(x [N, D], weights [N, k], expert_ids [N, k],
-             w_gate [E, D, H], w_up [E, D, H], w_down [E, H, D]) -> y [N, D]
-where y[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]). Matmuls run in x's dtype (the caller
-casts x and the expert weights); the weighted combination is accumulated in float32.
-Looked up by name in `DISPATCHERS` (the `model.moe.dispatch` config key).
+Same math, different cost. Every dispatcher is called as
+    dispatch(x [N, D], routing, experts) -> (y [N, D], dropped_fraction [])
+with y[n] = sum over the (token n, expert e) pairs that were routed and kept of
+weight * expert_e(x[n]). Matmuls run in x's dtype (the caller casts x and the expert weights);
+the weighted combination is accumulated in float32.
+
+- `dense`: every expert on every token, combined with the [N, E] matrix: the reference (any router).
+- `capacity`: GShard fixed capacity per expert, overflow dropped by router score (`capacity_size`).
+- `dropless`: sort by expert, grouped matmuls; nothing dropped (`grouped_swiglu`).
+- `expert_choice_dispatch`: for the expert-choice router, whose [E, C] table is already the layout.
+`DISPATCHERS` maps `model.moe.dispatch` to a builder `(MoEConfig) -> dispatcher`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Dispatcher = Callable[..., jax.Array]
+from mixtral_jax.config import MoEConfig
+from mixtral_jax.models.grouped import grouped_swiglu
+from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice
 
 
-def dropless(
-    x: jax.Array,
-    weights: jax.Array,
-    expert_ids: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    w_down: jax.Array,
+class Experts(NamedTuple):
+    w_gate: jax.Array  # [E, D, H]
+    w_up: jax.Array  # [E, D, H]
+    w_down: jax.Array  # [E, H, D]
+
+
+Dispatcher = Callable[[jax.Array, Routing, Experts], tuple[jax.Array, jax.Array]]
+_ZERO = 0.0  # dropped_fraction of the dispatchers that never drop
+
+
+def batched_swiglu(xs: jax.Array, experts: Experts) -> jax.Array:
+    """xs [E, C, D] -> [E, C, D]: expert e applied to its C rows (one batched matmul per weight)."""
+    gate = jnp.einsum("ecd,edh->ech", xs, experts.w_gate)
+    up = jnp.einsum("ecd,edh->ech", xs, experts.w_up)
+    return jnp.einsum("ech,ehd->ecd", jax.nn.silu(gate) * up, experts.w_down)
+
+
+def _gather_apply_scatter(
+    x: jax.Array, token_table: jax.Array, weight_table: jax.Array, experts: Experts
 ) -> jax.Array:
-    """Sort the N*k (token, expert) assignments by expert and run grouped matmuls (ragged_dot).
+    """Slot tables [E, C] (token index, combine weight) -> y [N, D] float32.
 
-    Work is proportional to N*k (no expert sees a token not routed to it) and no token is ever
-    dropped, whatever the imbalance: group sizes are data-dependent but the total is static.
+    Empty slots hold token index N (out of range): they gather a zero row (SwiGLU(0) = 0) and
+    their scatter is dropped, so they cost compute but contribute neither output nor gradient.
     """
-    n, k = expert_ids.shape
-    num_experts = w_gate.shape[0]
-    flat_ids = expert_ids.reshape(-1)
-    # Stable sort keeps tokens in order within each expert group (deterministic results).
-    order = jnp.argsort(flat_ids, stable=True)
-    token_of_slot = order // k  # assignment slot n*k + j belongs to token n
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-
-    xs = x[token_of_slot]  # [N*k, D], grouped by expert
-    gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)
-    up = jax.lax.ragged_dot(xs, w_up, group_sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [N*k, D]
-
-    slot_weights = weights.reshape(-1)[order].astype(jnp.float32)
-    y = jnp.zeros((n, x.shape[1]), jnp.float32)
-    y = y.at[token_of_slot].add(out.astype(jnp.float32) * slot_weights[:, None])  # unsort + combine
-    return y.astype(x.dtype)
+    n, d = x.shape
+    xs = jnp.take(x, token_table, axis=0, mode="fill", fill_value=0)  # [E, C, D]
+    out = batched_swiglu(xs, experts).astype(jnp.float32) * weight_table[..., None]
+    return jnp.zeros((n, d), jnp.float32).at[token_table.reshape(-1)].add(out.reshape(-1, d), mode="drop")
 
 
-def dense(
-    x: jax.Array,
-    weights: jax.Array,
-    expert_ids: jax.Array,
-    w_gate: jax.Array,
-    w_up: jax.Array,
-    w_down: jax.Array,
-) -> jax.Array:
-    """Reference: run every expert on every token, combine with a dense [N, E] weight matrix.
+def dense(x: jax.Array, routing: Routing, experts: Experts) -> tuple[jax.Array, jax.Array]:
+    """Reference: every expert on every token, combined with the dense [N, E] weight matrix.
 
     E/k times the FLOPs of `dropless` and an [N, E, H] intermediate: for tests and tiny models.
     """
+    n, num_experts = x.shape[0], experts.w_gate.shape[0]
+    combine = routing.to_dense(n, num_experts)
+    out = batched_swiglu(jnp.broadcast_to(x, (num_experts, *x.shape)), experts)  # [E, N, D]
+    y = jnp.einsum("end,ne->nd", out.astype(jnp.float32), combine)
+    return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
+
+
+def capacity_size(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """GShard capacity C = ceil(k * N / E * capacity_factor), at least 1, at most N.
+
+    At most N because top-k ids are distinct per token, so no expert can get more than N slots.
+    round(., 9) keeps float noise (1.1 * 10 = 11.000000000000002) from adding a slot.
+    """
+    raw = top_k * num_tokens / num_experts * capacity_factor
+    return max(1, min(num_tokens, math.ceil(round(raw, 9))))
+
+
+def capacity(
+    x: jax.Array, routing: TokenChoice, experts: Experts, *, capacity_factor: float
+) -> tuple[jax.Array, jax.Array]:
+    """Fixed capacity C per expert; each expert keeps its C highest-weight slots.
+
+    Drop rule: among the (token, slot) pairs routed to an expert, the ones with the largest combine
+    weight are kept; ties go to the earlier token (then the earlier slot). A dropped pair contributes
+    nothing: a token losing all its slots passes through the residual unchanged, one losing one of
+    two keeps the other's weighted output, not renormalised. Returns the fraction of the N * k
+    slots dropped. Cost: one sort of N * k keys, an [E, C, D] gather, batched matmuls, a scatter-add.
+    """
+    n, k = routing.expert_ids.shape
+    num_experts = experts.w_gate.shape[0]
+    cap = capacity_size(n, k, num_experts, capacity_factor)
+    flat_ids = routing.expert_ids.reshape(-1)
+    flat_w = routing.weights.reshape(-1)
+    slots = jnp.arange(n * k, dtype=jnp.int32)
+    # Priority order: by expert, then weight descending, then slot index (= token-major position).
+    sorted_ids, _, order = jax.lax.sort((flat_ids, -jax.lax.stop_gradient(flat_w), slots), num_keys=3)
+    counts = jnp.bincount(flat_ids, length=num_experts)
+    starts = jnp.cumsum(counts) - counts
+    rank = slots - starts[sorted_ids]  # position of each sorted slot within its expert's queue
+    kept = rank < cap
+    dest = jnp.where(kept, sorted_ids * cap + rank, num_experts * cap)  # out of range -> dropped
+    # slot table: for each of the E*C places, which flat (token, slot) fills it (n*k = empty)
+    source = jnp.full((num_experts * cap,), n * k, jnp.int32).at[dest].set(order, mode="drop")
+    token_table = (source // k).reshape(num_experts, cap)  # empty -> token n, out of range
+    weight_table = jnp.take(flat_w, source, mode="fill", fill_value=0).reshape(num_experts, cap)
+    y = _gather_apply_scatter(x, token_table, weight_table.astype(jnp.float32), experts)
+    dropped = (n * k - jnp.sum(kept)) / (n * k)  # integer count first: exactly 0 when none dropped
+    return y.astype(x.dtype), dropped.astype(jnp.float32)
+
+
+def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.Array, jax.Array]:
+    """Sort the N * k (token, expert) slots by expert once and run grouped matmuls.
+
+    Work is proportional to N * k (no expert sees a token not routed to it) and no token is ever
+    dropped, whatever the imbalance: group sizes are data-dependent but the total is static.
+    """
+    n, k = routing.expert_ids.shape
+    num_experts = experts.w_gate.shape[0]
+    flat_ids = routing.expert_ids.reshape(-1)
+    # Stable sort keeps tokens in order within each expert group (deterministic results).
+    order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    out = grouped_swiglu(x[order // k], group_sizes, *experts)  # [N*k, D], grouped by expert
+    # Combine without a scatter: slot n*k+j sits at sorted row inverse[n*k+j] (a permutation).
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=jnp.int32), unique_indices=True)
+    per_slot = out.at[inverse].get(unique_indices=True).astype(jnp.float32).reshape(n, k, -1)
+    y = jnp.einsum("nkd,nk->nd", per_slot, routing.weights.astype(jnp.float32))
+    return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
+
+
+def expert_choice_dispatch(
+    x: jax.Array, routing: ExpertChoice, experts: Experts
+) -> tuple[jax.Array, jax.Array]:
+    """The expert-choice router's [E, C] table is the dispatch layout: gather, batched SwiGLU,
+    gate-weighted scatter-add. Nothing is dropped for capacity; `dropped_fraction` reports the
+    fraction of tokens no expert chose (they pass through the residual unchanged)."""
     n = x.shape[0]
-    num_experts = w_gate.shape[0]
-    combine = jnp.zeros((n, num_experts), jnp.float32)
-    # .add (not .set) so a repeated expert id would still sum its weights, as dropless does.
-    combine = combine.at[jnp.arange(n)[:, None], expert_ids].add(weights.astype(jnp.float32))
-    gate = jnp.einsum("nd,edh->neh", x, w_gate)
-    up = jnp.einsum("nd,edh->neh", x, w_up)
-    out = jnp.einsum("neh,ehd->ned", jax.nn.silu(gate) * up, w_down)
-    y = jnp.einsum("ned,ne->nd", out.astype(jnp.float32), combine)
-    return y.astype(x.dtype)
+    y = _gather_apply_scatter(x, routing.token_idx, routing.gates.astype(jnp.float32), experts)
+    picks = jnp.zeros((n,), jnp.int32).at[routing.token_idx.reshape(-1)].add(1)
+    return y.astype(x.dtype), jnp.mean(picks == 0).astype(jnp.float32)
 
 
-DISPATCHERS: dict[str, Dispatcher] = {
-    "dropless": dropless,
-    "dense": dense,
+# name -> builder from the config. Token-choice routers use these; the expert-choice router is
+# paired with `expert_choice_dispatch` (or `dense`) by MoEBlock.
+DISPATCHERS: dict[str, Callable[[MoEConfig], Dispatcher]] = {
+    "dense": lambda moe: dense,
+    "capacity": lambda moe: functools.partial(capacity, capacity_factor=moe.capacity_factor),
+    "dropless": lambda moe: dropless,
 }

@@ -1,4 +1,8 @@
-"""Sparse mixture-of-experts feed-forward block (Mixtral): router + stacked SwiGLU experts."""
+"""Sparse mixture-of-experts feed-forward block: router + stacked SwiGLU experts.
+
+Strategies (router, dispatcher, aux-loss grouping) are looked up once, in MoEBlock.__init__,
+from the registries in routing.py and dispatch.py; __call__ only calls them.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.models.dispatch import DISPATCHERS
+from mixtral_jax.models.dispatch import DISPATCHERS, Experts, dense, expert_choice_dispatch
 from mixtral_jax.models.layers import INIT_STD, as_dtype, make_param
-from mixtral_jax.models.routing import ROUTERS, load_balancing_loss, router_stats, router_z_loss
+from mixtral_jax.models.routing import (
+    AUX_SCOPES,
+    ROUTERS,
+    RouterBias,
+    jitter,
+    load_balancing_loss,
+    router_stats,
+    router_z_loss,
+    update_router_bias,
+)
 
 STAT_KEYS = ("aux_loss", "z_loss", "expert_load", "router_entropy", "dropped_fraction")
 
@@ -19,55 +32,90 @@ STAT_KEYS = ("aux_loss", "z_loss", "expert_load", "router_entropy", "dropped_fra
 class MoEBlock(nnx.Module):
     """x [B, T, dim] -> (y [B, T, dim], stats).
 
-    Parameters: router [dim, E] (stored in moe.router_dtype, applied in float32), experts
-    w_gate / w_up [E, dim, hidden] and w_down [E, hidden, dim]. stats holds the unscaled
-    `aux_loss` (Switch), `z_loss`, `expert_load` [E], `router_entropy` and `dropped_fraction`.
+    Parameters: router [dim, E] (stored and applied in moe.router_dtype; softmax in float32),
+    experts w_gate / w_up [E, dim, hidden] and w_down [E, hidden, dim]. With
+    moe.bias_update_rate > 0 also `router_bias`, a RouterBias [E] (zeros; used for top-k selection
+    only; see routing.update_router_bias).
+
+    stats: `aux_loss` (unscaled load-balancing loss, scope moe.aux_loss_scope), `z_loss`,
+    `expert_load` [E] (share of routed token-slots per expert, counted before capacity drops),
+    `router_entropy`, `dropped_fraction` (share of routed token-slots the dispatcher dropped:
+    0 for dense / dropless; for expert choice, the share of tokens no expert picked).
+
+    router = expert_choice: every expert takes C = ceil(N * capacity_factor / E) tokens of the whole
+    batch (not causal). It runs its own gather dispatch at that fixed capacity, whatever
+    moe.dispatch says, except `dense`, which selects the dense reference. Its f in the aux loss is
+    uniform by construction, so the batch-scope loss is 1 with zero gradient.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         moe = cfg.moe
-        if moe.router not in ROUTERS:
-            raise NotImplementedError(
-                f"model.moe.router '{moe.router}' is not implemented yet (available: {', '.join(ROUTERS)})")
-        if moe.dispatch not in DISPATCHERS:
-            raise NotImplementedError(
-                f"model.moe.dispatch '{moe.dispatch}' is not implemented yet "
-                f"(available: {', '.join(DISPATCHERS)})")
-        # The only place routing strategy is chosen; __call__ just uses these.
-        self.route = ROUTERS[moe.router]
-        self.dispatch = DISPATCHERS[moe.dispatch]
-        self.num_experts, self.top_k = moe.num_experts, moe.top_k
+        if moe.router not in ROUTERS or moe.dispatch not in DISPATCHERS:
+            raise ValueError(f"unknown model.moe.router '{moe.router}' or model.moe.dispatch '{moe.dispatch}'")
+        if moe.router == "expert_choice" and moe.bias_update_rate > 0:
+            raise ValueError("model.moe.bias_update_rate > 0 needs a token-choice router: expert_choice "
+                             "is balanced by construction and has no top-k selection to bias")
+        # The only place strategies are chosen; __call__ just uses these.
+        self.route = ROUTERS[moe.router](moe)
+        if moe.router == "expert_choice":
+            self.dispatch = dense if moe.dispatch == "dense" else expert_choice_dispatch
+        else:
+            self.dispatch = DISPATCHERS[moe.dispatch](moe)
+        self.aux_groups = AUX_SCOPES[moe.aux_loss_scope]
+        self.num_experts = moe.num_experts
+        self.jitter = moe.jitter
         self.dtype = as_dtype(cfg.dtype)
+        self.router_dtype = as_dtype(moe.router_dtype)
         pdt = as_dtype(cfg.param_dtype)
         e, d, h = moe.num_experts, cfg.dim, cfg.hidden_dim
         out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
         # Router replicated over the expert axis: every device needs all E logits for top-k.
-        self.router = make_param(rngs, (d, e), ("embed", None), as_dtype(moe.router_dtype))
+        self.router = make_param(rngs, (d, e), ("embed", None), self.router_dtype)
         self.w_gate = make_param(rngs, (e, d, h), ("expert", "embed", "mlp"), pdt)
         self.w_up = make_param(rngs, (e, d, h), ("expert", "embed", "mlp"), pdt)
         self.w_down = make_param(rngs, (e, h, d), ("expert", "mlp", "embed"), pdt, out_std)
+        self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32)) if moe.bias_update_rate > 0 else None
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x: jax.Array, router_rng: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """router_rng: key for router jitter (training); None (eval) = no noise."""
         b, t, d = x.shape
-        tokens = x.reshape(b * t, d)
-        logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+        n = b * t
+        tokens = x.reshape(n, d)
+        router_in = tokens
+        if router_rng is not None and self.jitter > 0:
+            router_in = jitter(tokens, router_rng, self.jitter)
+        rdt = self.router_dtype
+        logits = (router_in.astype(rdt) @ self.router[...].astype(rdt)).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
-        weights, expert_ids = self.route(logits, self.top_k)
+        bias = self.router_bias[...] if self.router_bias is not None else None
+        routing = self.route(logits, bias)
 
         dt = self.dtype
-        y = self.dispatch(
-            tokens.astype(dt),
-            weights,
-            expert_ids,
-            self.w_gate[...].astype(dt),
-            self.w_up[...].astype(dt),
-            self.w_down[...].astype(dt),
-        )
+        experts = Experts(self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        y, dropped = self.dispatch(tokens.astype(dt), routing, experts)
+
+        assigned = routing.to_dense(n, self.num_experts, jnp.ones_like(routing[0]))  # [N, E] 0/1
+        groups = self.aux_groups(b, t)
         stats = {
-            "aux_loss": load_balancing_loss(probs, expert_ids, self.num_experts),
+            "aux_loss": load_balancing_loss(probs.reshape(*groups, -1), assigned.reshape(*groups, -1)),
             "z_loss": router_z_loss(logits),
-            **router_stats(probs, expert_ids, self.num_experts),
-            # Neither available dispatcher drops tokens; a capacity dispatcher will report its own.
-            "dropped_fraction": jnp.zeros((), jnp.float32),
+            **router_stats(probs, assigned),
+            "dropped_fraction": dropped,
         }
         return y.reshape(b, t, d), stats
+
+
+def update_router_biases(model_state: nnx.State, expert_load: jax.Array, rate: float) -> nnx.State:
+    """Apply `update_router_bias` to the RouterBias leaves of a model state (or nnx.state(model)).
+
+    In a Transformer the one RouterBias is blocks/ffn/router_bias, stacked [n_layers, E], matching
+    aux["expert_load"] [n_layers, E]. Other variables are returned unchanged.
+    """
+    def step(var):
+        if isinstance(var, RouterBias):
+            return var.replace(update_router_bias(var[...], expert_load, rate))
+        return var
+
+    return jax.tree.map(step, model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))

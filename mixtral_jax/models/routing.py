@@ -1,50 +1,182 @@
-"""Router math as small pure functions, plus the balancing losses and routing statistics.
+"""Routers (small pure functions), the balancing losses, routing statistics and the
+loss-free-balancing bias.
 
-A router maps float32 logits [N, E] to (combine weights [N, k] float32, expert ids [N, k] int32).
-Routers are looked up by name in `ROUTERS` (the `model.moe.router` config key). Routers that
-need more than (logits, k) -- a selection bias for loss-free balancing, an rng for jitter --
-take those as keyword-only arguments, so every router is callable as `router(logits, k, **extra)`.
+A router maps float32 logits [N, E] (N = batch * seq tokens) to a routing decision:
+- token choice (`TokenChoice`): each token picks k experts -> weights [N, k], expert_ids [N, k];
+- expert choice (`ExpertChoice`): each expert picks C tokens -> gates [E, C], token_idx [E, C].
+Both expose `to_dense(N, E)`, the [N, E] combine matrix, which the dense reference dispatcher
+and the statistics use, so nothing downstream needs to know which kind it got.
+`ROUTERS` maps the `model.moe.router` name to a builder `(MoEConfig) -> router(logits, bias)`.
+
+Ties: `lax.top_k` returns the lowest index first among equal values, so a tie between experts
+goes to the lowest expert id (token choice) and a tie between tokens to the lowest token index
+(expert choice). The tests check this.
+
+Load-balancing loss: the value each framework reports at perfect balance
+- here: per layer E * sum_i f_i * P_i, with f_i the fraction of the layer's routed token-slots
+  (N * k for token choice, counted before any capacity drop) on expert i (sum f = 1) and P_i the
+  mean full-softmax probability of expert i. 1.0 at perfect balance for every k. The Transformer
+  reports the mean over layers, so also 1.0. `aux_loss_scope: sequence` computes f and P per
+  batch row and averages the per-row losses: also 1.0 at balance.
+- Hugging Face transformers 5.24.0, `load_balancing_loss_func` in models/mixtral/modeling_mixtral.py
+  (read and run for this note): sums the top-k assignment counts and the softmax probabilities over
+  ALL layers (equivalent to concatenating every layer's [B*T, E] logits), divides both by
+  layers * tokens, returns E * sum_i f_i * P_i where this f sums to k. At perfect balance it is
+  top_k (2.0 for Mixtral), and for a single layer exactly top_k times our value. Across layers it
+  pools before multiplying (product of layer means, not mean of layer products), so in general it
+  is not top_k times our layer mean; the two agree (up to k) when every layer routes alike.
+- Switch Transformer (Fedus et al. 2021, eq. 4, from the formula): N * sum_i f_i * P_i with top-1
+  routing, the same as ours at k = 1, hence 1.0 at balance.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-Router = Callable[..., tuple[jax.Array, jax.Array]]
+from mixtral_jax.config import MoEConfig
 
 
-def topk_softmax(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Mixtral routing: take the top-k logits per token, softmax over just those k.
+class RouterBias(nnx.Variable):
+    """Loss-free balancing bias [E] per layer: not a Param (no gradient, no optimizer state),
+    but part of the model state, so it is checkpointed with the weights."""
 
-    Identical to softmax over all experts, keep the top k, renormalise.
+
+class TokenChoice(NamedTuple):
+    weights: jax.Array  # [N, k] float32 combine weights
+    expert_ids: jax.Array  # [N, k] int32, distinct per token
+
+    def to_dense(self, num_tokens: int, num_experts: int, values: jax.Array | None = None) -> jax.Array:
+        """[N, E] matrix holding `values` (default: the weights) at the chosen (token, expert)."""
+        values = self.weights if values is None else values
+        rows = jnp.arange(num_tokens)[:, None]
+        return jnp.zeros((num_tokens, num_experts), jnp.float32).at[rows, self.expert_ids].add(values)
+
+
+class ExpertChoice(NamedTuple):
+    gates: jax.Array  # [E, C] float32: the chosen token's softmax probability for this expert
+    token_idx: jax.Array  # [E, C] int32, distinct per expert
+
+    def to_dense(self, num_tokens: int, num_experts: int, values: jax.Array | None = None) -> jax.Array:
+        values = self.gates if values is None else values
+        cols = jnp.arange(num_experts)[:, None]
+        return jnp.zeros((num_tokens, num_experts), jnp.float32).at[self.token_idx, cols].add(values)
+
+
+Routing = Union[TokenChoice, ExpertChoice]
+Router = Callable[[jax.Array, Union[jax.Array, None]], Routing]  # (logits [N, E], bias [E] | None)
+
+
+def _select(logits: jax.Array, k: int, bias: jax.Array | None) -> jax.Array:
+    """Top-k expert ids per token; a loss-free-balancing bias shifts only this choice.
+
+    The bias is in logit units and added to the logits for both token-choice routers: softmax is
+    monotone per token, so the unbiased choice is the same whether taken on logits or probs.
     """
-    top_logits, expert_ids = jax.lax.top_k(logits.astype(jnp.float32), k)
-    return jax.nn.softmax(top_logits, axis=-1), expert_ids.astype(jnp.int32)
+    scores = logits if bias is None else logits + jax.lax.stop_gradient(bias)
+    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
 
 
-ROUTERS: dict[str, Router] = {
-    "topk_softmax": topk_softmax,
+def topk_softmax(logits: jax.Array, k: int, bias: jax.Array | None = None) -> TokenChoice:
+    """Mixtral: softmax over the k selected logits (= full softmax, keep top k, renormalise)."""
+    logits = logits.astype(jnp.float32)
+    ids = _select(logits, k, bias)
+    return TokenChoice(jax.nn.softmax(jnp.take_along_axis(logits, ids, axis=-1), axis=-1), ids)
+
+
+def softmax_topk(
+    logits: jax.Array, k: int, bias: jax.Array | None = None, renormalize: bool = False
+) -> TokenChoice:
+    """GShard / Switch: softmax over all experts, keep the top-k probabilities as weights.
+
+    Without renormalisation the k weights sum to less than 1 (exactly the full-softmax probs);
+    with it they equal `topk_softmax`'s.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    ids = _select(logits.astype(jnp.float32), k, bias)
+    weights = jnp.take_along_axis(probs, ids, axis=-1)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return TokenChoice(weights, ids)
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """C = ceil(N * capacity_factor / E), at least 1 and at most N.
+
+    capacity_factor is the average number of experts per token (Zhou et al.'s c); set it to top_k
+    for the compute of top-k token choice. round(., 9) keeps float noise (1.1 * 10 =
+    11.000000000000002) from adding a slot.
+    """
+    return max(1, min(num_tokens, math.ceil(round(num_tokens * capacity_factor / num_experts, 9))))
+
+
+def expert_choice(logits: jax.Array, capacity_factor: float) -> ExpertChoice:
+    """Expert choice (Zhou et al. 2022): every expert takes its C highest-probability tokens.
+
+    Each expert gets exactly C tokens; a token gets 0..E experts. The choice of one token depends
+    on every other token in the batch (future positions included), so this router is NOT causal:
+    it cannot be used for autoregressive generation as trained.
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    capacity = expert_choice_capacity(probs.shape[0], probs.shape[1], capacity_factor)
+    # Looks across the whole batch of tokens (not causal): see the docstring.
+    gates, token_idx = jax.lax.top_k(probs.T, capacity)
+    return ExpertChoice(gates, token_idx.astype(jnp.int32))
+
+
+def _token_choice(router: Callable[..., TokenChoice], **options) -> Callable[[MoEConfig], Router]:
+    def build(moe: MoEConfig) -> Router:
+        k = moe.top_k
+        extra = {name: getattr(moe, name) for name in options}  # scalars only, not the config
+        return lambda logits, bias: router(logits, k, bias, **extra)
+    return build
+
+
+def _expert_choice(moe: MoEConfig) -> Router:
+    factor = moe.capacity_factor
+    # No selection bias: expert choice is balanced by construction (MoEBlock refuses the combination).
+    return lambda logits, bias: expert_choice(logits, factor)
+
+
+# name -> builder from the config; the builder's result is called as router(logits, bias).
+ROUTERS: dict[str, Callable[[MoEConfig], Router]] = {
+    "topk_softmax": _token_choice(topk_softmax),
+    "softmax_topk": _token_choice(softmax_topk, renormalize=True),
+    "expert_choice": _expert_choice,
 }
 
 
-def expert_fractions(expert_ids: jax.Array, num_experts: int) -> jax.Array:
-    """f_i: fraction of all N*k token-slots assigned to expert i; [E], sums to 1."""
-    counts = jnp.zeros((num_experts,), jnp.float32).at[expert_ids.reshape(-1)].add(1.0)
-    return counts / expert_ids.size
+def jitter(x: jax.Array, key: jax.Array, amount: float) -> jax.Array:
+    """Switch-style router input noise: x * uniform[1 - amount, 1 + amount], elementwise."""
+    noise = jax.random.uniform(key, x.shape, jnp.float32, 1.0 - amount, 1.0 + amount)
+    return (x.astype(jnp.float32) * noise).astype(x.dtype)
 
 
-def load_balancing_loss(router_probs: jax.Array, expert_ids: jax.Array, num_experts: int) -> jax.Array:
-    """Switch Transformer loss E * sum_i f_i * P_i; 1.0 at perfect balance.
+# ---------------------------------------------------------------- losses and statistics
 
-    f_i (from the discrete assignment) carries no gradient; it flows through P_i, the mean
-    full-softmax probability of expert i, pushing probability away from overloaded experts.
+# aux_loss_scope -> how the [B, T] tokens are grouped for f and P: (groups, tokens per group).
+AUX_SCOPES: dict[str, Callable[[int, int], tuple[int, int]]] = {
+    "batch": lambda b, t: (1, b * t),  # Switch / GShard: one f, P over the global batch
+    "sequence": lambda b, t: (b, t),  # per batch row, losses averaged
+}
+
+
+def load_balancing_loss(probs: jax.Array, assigned: jax.Array) -> jax.Array:
+    """Mean over groups of E * sum_i f_i * P_i; 1.0 at perfect balance.
+
+    probs [G, S, E]: full-softmax router probabilities; assigned [G, S, E]: 1 where a token-slot
+    is routed to an expert (any router, before capacity drops). f_i = share of the group's routed
+    slots on expert i carries no gradient; it flows through P_i (mean prob), pushing probability
+    away from overloaded experts. A group with no routed slot (possible with expert choice) has f=0.
     """
-    f = jax.lax.stop_gradient(expert_fractions(expert_ids, num_experts))
-    p = jnp.mean(router_probs.astype(jnp.float32), axis=0)
-    return num_experts * jnp.sum(f * p)
+    counts = jax.lax.stop_gradient(jnp.sum(assigned.astype(jnp.float32), axis=1))  # [G, E]
+    f = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+    p = jnp.mean(probs.astype(jnp.float32), axis=1)
+    return probs.shape[-1] * jnp.mean(jnp.sum(f * p, axis=-1))
 
 
 def router_z_loss(logits: jax.Array) -> jax.Array:
@@ -52,11 +184,22 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
     return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
 
 
-def router_stats(router_probs: jax.Array, expert_ids: jax.Array, num_experts: int) -> dict[str, jax.Array]:
-    """Diagnostics (no gradient): per-expert load fractions [E] and mean full-softmax entropy."""
-    probs = jax.lax.stop_gradient(router_probs.astype(jnp.float32))
+def router_stats(probs: jax.Array, assigned: jax.Array) -> dict[str, jax.Array]:
+    """Diagnostics (no gradient) over [N, E]: `expert_load` = share of routed token-slots per
+    expert (sums to 1; before capacity drops) and `router_entropy` = mean full-softmax entropy."""
+    probs = jax.lax.stop_gradient(probs.astype(jnp.float32))
+    counts = jax.lax.stop_gradient(jnp.sum(assigned.astype(jnp.float32), axis=0))
     entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=-1)
-    return {
-        "expert_load": expert_fractions(expert_ids, num_experts),
-        "router_entropy": jnp.mean(entropy),
-    }
+    return {"expert_load": counts / jnp.maximum(jnp.sum(counts), 1.0), "router_entropy": jnp.mean(entropy)}
+
+
+def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> jax.Array:
+    """Loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean load - load).
+
+    bias and expert_load are [..., E] (e.g. [n_layers, E]); under-loaded experts move up by `rate`,
+    over-loaded ones down, exactly balanced ones stay. Call outside the gradient, once per step,
+    with the global-batch load fractions the model reports in aux["expert_load"].
+    """
+    load = jax.lax.stop_gradient(expert_load.astype(jnp.float32))
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    return (bias + rate * jnp.sign(mean - load)).astype(bias.dtype)

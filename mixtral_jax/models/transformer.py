@@ -41,11 +41,11 @@ class Block(nnx.Module):
             self.ffn = MLP(cfg.dim, cfg.hidden_dim, dtype=cfg.dtype, param_dtype=pdt, out_std=out_std, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, router_rng: jax.Array | None = None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
         if self.is_moe:
-            y, stats = self.ffn(self.ffn_norm(x))
+            y, stats = self.ffn(self.ffn_norm(x), router_rng)
         else:
             y = self.ffn(self.ffn_norm(x))
             zero = jnp.zeros((), jnp.float32)
@@ -59,7 +59,8 @@ class Transformer(nnx.Module):
     aux: `aux_loss`, `z_loss` (means over layers, unscaled; 0 for dense models) and, for MoE,
     `expert_load` [n_layers, E], `router_entropy`, `dropped_fraction` (means over layers).
     Layer parameters are stacked on a leading "layers" axis (self.blocks) and applied with
-    nnx.scan, so compile time does not grow with depth.
+    nnx.scan, so compile time does not grow with depth. With loss-free balancing the model state
+    (not the Params) holds blocks/ffn/router_bias, a RouterBias [n_layers, E].
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -67,6 +68,7 @@ class Transformer(nnx.Module):
             raise ValueError(f"model.remat '{cfg.remat}' is not one of none, {', '.join(REMAT_POLICIES)}")
         # Keep scalars, not the (unhashable) config dataclass: module statics go in the graphdef.
         self.is_moe = cfg.is_moe
+        self.n_layers = cfg.n_layers
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
         self.dtype = as_dtype(cfg.dtype)
@@ -90,7 +92,10 @@ class Transformer(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        router_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """router_rng: a key for MoE router jitter (training, fresh per step), split per layer;
+        None (eval, generation) = no noise."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -99,19 +104,22 @@ class Transformer(nnx.Module):
         dt = self.dtype
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
 
-        def layer(block: Block, x: jax.Array, pos: jax.Array, seg: jax.Array):
-            return block(x, pos, seg)
+        # One key per layer, scanned with the blocks (None scans as an empty pytree).
+        layer_rngs = None if router_rng is None else jax.random.split(router_rng, self.n_layers)
+
+        def layer(block: Block, x: jax.Array, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
+            return block(x, pos, seg, rng)
 
         if self.remat != "none":
             # Checkpoint each layer inside the scan; prevent_cse is unnecessary under scan.
             layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0),
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata=_LAYER_METADATA)
-        def run_layers(x: jax.Array, block: Block, pos: jax.Array, seg: jax.Array):
-            return layer(block, x, pos, seg)
+        def run_layers(x: jax.Array, block: Block, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
+            return layer(block, x, pos, seg, rng)
 
-        x, stats = run_layers(x, self.blocks, positions, segment_ids)  # stats: [n_layers, ...]
+        x, stats = run_layers(x, self.blocks, positions, segment_ids, layer_rngs)  # stats: [n_layers, ...]
         x = self.final_norm(x)
 
         if self.tie_embeddings:

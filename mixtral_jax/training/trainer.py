@@ -23,6 +23,7 @@ from mixtral_jax.models.transformer import Transformer, param_counts
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated
 from mixtral_jax.training.checkpoint import Checkpointer
 from mixtral_jax.training.metrics import MetricsLogger
+from mixtral_jax.training.preemption import StopRequest
 from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
 from mixtral_jax.training.step import make_eval_step, make_train_step
 
@@ -124,7 +125,9 @@ class Trainer:
         window: list[dict] = []
         window_start = time.perf_counter()
         eval_metrics: dict[str, float] = {}
+        stop = StopRequest()
         try:
+            stop.__enter__()
             for step in range(start, last_step):
                 batch = jax.device_put(_global_batch(next(data_iter)), to_device)
                 state, metrics = self.train_step(state, batch)
@@ -144,11 +147,17 @@ class Trainer:
                 elif done % cfg.train.eval_every == 0:
                     eval_metrics = self.evaluate(state, eval_batches)
                     logger.log(done, eval_metrics)
-                if done % cfg.train.checkpoint_every == 0 or done == last_step:
+                if done % cfg.train.checkpoint_every == 0 or done == last_step or stop.requested:
                     self.checkpointer.save(done, state, data_iter.get_state(), {"config_name": cfg.run.name})
+                if stop.requested:
+                    logger.write(f"{stop.requested}: stopped after step {done}, checkpoint saved; "
+                                 f"run the same command again to resume")
+                    break
             summary = self._summary(state, eval_batches, eval_metrics, counts)
+            summary["stopped_by"] = stop.requested
             logger.summary(summary)
         finally:
+            stop.__exit__()
             self.checkpointer.close()
             logger.close()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

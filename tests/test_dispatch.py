@@ -1,0 +1,171 @@
+"""Dispatch paths: dense / capacity / dropless agree (outputs and gradients) when nothing is
+dropped; capacity drops exactly the lowest-weight slots; expert choice against a numpy loop."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mixtral_jax.models.dispatch import (
+    Experts,
+    capacity,
+    capacity_size,
+    dense,
+    dropless,
+    expert_choice_dispatch,
+)
+from mixtral_jax.models.grouped import blocked_swiglu, ragged_swiglu
+from mixtral_jax.models.routing import expert_choice, topk_softmax
+
+
+def make_inputs(seed, n, d, h, e, case="random"):
+    """x [n, d], router logits [n, e] and expert weights. case: `empty` = expert 0 never chosen,
+    `all` = expert e-1 chosen by every token."""
+    rng = np.random.default_rng(seed)  # numpy: eager jax.random costs a compile per shape
+    x = rng.normal(size=(n, d))
+    logits = 2.0 * rng.normal(size=(n, e))
+    if case == "empty":
+        logits[:, 0] = -30.0
+    if case == "all":
+        logits[:, e - 1] = 30.0
+    w_gate, w_up = rng.normal(size=(2, e, d, h)) / np.sqrt(d)
+    w_down = rng.normal(size=(e, h, d)) / np.sqrt(h)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    x, logits, experts = f32(x), f32(logits), Experts(f32(w_gate), f32(w_up), f32(w_down))
+    return x, logits, experts
+
+
+def np_swiglu(x, w_gate, w_up, w_down):
+    gate, up = x @ w_gate, x @ w_up
+    return (gate / (1 + np.exp(-gate)) * up) @ w_down
+
+
+def as_np(experts):
+    return [np.asarray(w, np.float64) for w in experts]
+
+
+PATHS = {
+    "dense": dense,
+    "capacity": lambda x, r, ex: capacity(x, r, ex, capacity_factor=float(ex.w_gate.shape[0])),  # C = N
+    "dropless": dropless,
+}
+
+
+def run_path(path, x, logits, experts, k):
+    """y, dropped fraction and grads of sum(sin(y)) w.r.t. (x, logits, experts), jitted."""
+    def loss(x, logits, experts):
+        y, dropped = PATHS[path](x, topk_softmax(logits, k), experts)
+        return jnp.sum(jnp.sin(y)), (y, dropped)
+
+    (_, (y, dropped)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, logits, experts)
+    return y, dropped, jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize("seed,n,d,h,e,k,case", [
+    (0, 24, 8, 12, 4, 2, "random"),
+    (1, 40, 16, 8, 8, 1, "random"),
+    (2, 33, 8, 16, 6, 3, "empty"),
+    (3, 20, 12, 8, 4, 2, "all"),
+])
+def test_three_dispatch_paths_agree(seed, n, d, h, e, k, case):
+    x, logits, experts = make_inputs(seed, n, d, h, e, case)
+    results = {path: run_path(path, x, logits, experts, k) for path in PATHS}
+    ids = np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :k]
+    if case == "empty":
+        assert not np.any(ids == 0)
+    if case == "all":
+        assert np.all(np.any(ids == e - 1, axis=1))
+    y_ref, _, g_ref = results["dense"]
+    for path, (y, dropped, grads) in results.items():
+        assert float(dropped) == 0.0, path
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-5, err_msg=path)
+        for g, want in zip(grads, g_ref):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=path)
+        if case == "empty":  # an expert with no tokens gets exactly zero gradient
+            assert not np.any(np.asarray(grads[2])[0]), path
+
+
+@pytest.mark.parametrize("sizes,block", [([5, 0, 17, 2], 4), ([0, 0, 24, 0], 16), ([3, 3, 3, 3], 16)])
+def test_blocked_grouped_swiglu_equals_ragged_dot(sizes, block):
+    """The CPU grouped matmul against ragged_dot, incl. empty groups and groups over many blocks."""
+    x, _, experts = make_inputs(7, sum(sizes), 8, 12, len(sizes))
+    sizes = jnp.asarray(sizes, jnp.int32)
+
+    def loss(impl, x, experts):
+        return jnp.sum(jnp.sin(impl(x, sizes, *experts)))
+
+    blocked = lambda *a: blocked_swiglu(*a, block=block)
+    got, want = (jax.jit(jax.value_and_grad(lambda *a: loss(impl, *a), argnums=(0, 1)))(x, experts)
+                 for impl in (blocked, ragged_swiglu))
+    np.testing.assert_allclose(np.asarray(jax.jit(blocked)(x, sizes, *experts)),
+                               np.asarray(jax.jit(ragged_swiglu)(x, sizes, *experts)), rtol=1e-5, atol=1e-6)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_size_formula():
+    assert capacity_size(4096, 2, 8, 1.25) == 1280  # ceil(2 * 4096 / 8 * 1.25)
+    assert capacity_size(12, 2, 4, 0.4) == 3  # ceil(2.4)
+    assert capacity_size(100, 1, 10, 1.1) == 11  # float noise 11.000000000000002 is not rounded up
+    assert capacity_size(10, 2, 4, 100.0) == 10  # never more than N
+    assert capacity_size(10, 1, 64, 0.01) == 1  # never less than 1
+
+
+def np_capacity_moe(x, ids, weights, experts, cap):
+    """The drop rule as a loop: per expert, slots sorted by weight (descending), then token,
+    then slot; the first `cap` are kept."""
+    w_gate, w_up, w_down = as_np(experts)
+    y = np.zeros((x.shape[0], x.shape[1]))
+    kept = 0
+    for e in range(w_gate.shape[0]):
+        slots = [(n, j) for n in range(ids.shape[0]) for j in range(ids.shape[1]) if ids[n, j] == e]
+        slots.sort(key=lambda s: (-weights[s], s[0], s[1]))
+        for n, j in slots[:cap]:
+            y[n] += weights[n, j] * np_swiglu(x[n], w_gate[e], w_up[e], w_down[e])
+            kept += 1
+    return y, 1.0 - kept / ids.size
+
+
+@pytest.mark.parametrize("factor", [0.3, 0.5, 0.75])
+def test_capacity_drops_lowest_weight_slots(factor):
+    """At 0.5 (C=4) the cut falls inside expert 2's tie of tokens 3, 9, 12 and at 0.75 (C=6)
+    inside expert 0's: the earlier token is kept."""
+    n, e, k = 16, 4, 2
+    x, logits, experts = make_inputs(11, n, 8, 12, e)
+    logits = np.asarray(logits).copy()
+    logits[:, 0] += 2.0  # crowd expert 0 so it overflows
+    logits[[9, 12]] = logits[3]  # identical tokens: weight ties
+    logits = jnp.asarray(logits)
+    routing = jax.jit(topk_softmax, static_argnums=1)(logits, k)
+    y, dropped = jax.jit(lambda x, r, ex: capacity(x, r, ex, capacity_factor=factor))(x, routing, experts)
+    cap = capacity_size(n, k, e, factor)
+    want, want_dropped = np_capacity_moe(np.asarray(x, np.float64), np.asarray(routing.expert_ids),
+                                         np.asarray(routing.weights, np.float64), experts, cap)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(dropped), want_dropped, rtol=1e-6)
+    assert want_dropped > 0.0
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_expert_choice_dispatch_matches_numpy_and_dense(factor):
+    n, e = 20, 4
+    x, logits, experts = make_inputs(5, n, 8, 12, e)
+    routing = jax.jit(expert_choice, static_argnums=1)(logits, factor)
+    y, unpicked = jax.jit(expert_choice_dispatch)(x, routing, experts)
+    w_gate, w_up, w_down = as_np(experts)
+    xs = np.asarray(x, np.float64)
+    want = np.zeros_like(xs)
+    token_idx, gates = np.asarray(routing.token_idx), np.asarray(routing.gates, np.float64)
+    for ex in range(e):
+        for tok, gate in zip(token_idx[ex], gates[ex]):
+            want[tok] += gate * np_swiglu(xs[tok], w_gate[ex], w_up[ex], w_down[ex])
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+    assert float(unpicked) == pytest.approx(np.mean(~np.isin(np.arange(n), token_idx)))
+
+    def loss(dispatch, x, logits, experts):
+        return jnp.sum(jnp.sin(dispatch(x, expert_choice(logits, factor), experts)[0]))
+
+    grads = [jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=(0, 1, 2)))(x, logits, experts)
+             for fn in (expert_choice_dispatch, dense)]
+    for g, w in zip(*map(jax.tree.leaves, grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
