@@ -49,6 +49,48 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    from mixtral_jax.training import cost
+
+    cfg = load_config(args.config, args.overrides)
+    hardware = args.hardware or cfg.cost.hardware
+    if hardware not in cost.HARDWARE_CHOICES:
+        raise ConfigError(f"--hardware '{hardware}' is not one of {', '.join(cost.HARDWARE_CHOICES)}")
+    if hardware == "auto":
+        hardware = cost.detect_hardware()
+    peak, source = cost.peak_tflops(hardware, args.peak_tflops or cfg.cost.peak_tflops, cfg.model.dtype)
+    price = cfg.cost.price_per_device_hour if args.price is None else args.price
+    seq_len = min(args.seq_len, cfg.model.max_seq_len)
+    if (args.tokens is None) == (args.device_hours is None):
+        raise ConfigError("give exactly one of --tokens (forward: what they cost) or --device-hours (reverse)")
+    if args.tokens is not None:
+        plan = cost.plan_tokens(cfg.model, seq_len, args.tokens, peak, args.mfu, price, args.devices)
+    else:
+        plan = cost.plan_hours(cfg.model, seq_len, args.device_hours, peak, args.mfu, price, args.devices)
+    figures = {"config": str(args.config), "hardware": hardware, "peak_source": source, "seq_len": seq_len,
+               **plan.as_dict()}
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    rows = [
+        ("hardware", f"{hardware} ({peak:g} TFLOP/s per device, {source})"),
+        ("sequence length", f"{seq_len}"),
+        ("training FLOPs / token", f"{plan.train_flops_per_token:.4g}"),
+        ("inference FLOPs / token", f"{plan.inference_flops_per_token:.4g}"),
+        ("tokens", f"{plan.tokens:.4g}"),
+        ("total training FLOPs", f"{plan.total_flops:.4g}"),
+        ("assumed MFU", f"{plan.mfu:.0%}"),
+        ("device-hours", f"{plan.device_hours:,.0f}"),
+        (f"days on {plan.devices} devices", f"{plan.days:,.1f}"),
+        ("price per device-hour", f"${plan.price_per_device_hour:,.2f}"),
+        ("cost", f"${plan.cost_usd:,.0f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixtral-jax",
@@ -72,6 +114,25 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     params.add_argument("--json", action="store_true", help="print one JSON object (keys include total, active)")
     params.set_defaults(func=cmd_params)
+
+    plan = verbs.add_parser(
+        "cost", help="FLOPs per token, device-hours and dollars for a token budget, or the tokens some hours buy",
+        description="Plan a run: --tokens N gives FLOPs, device-hours, days and dollars; --device-hours H gives "
+                    "the tokens those hours buy. Model FLOPs per token follow PaLM appendix B.")
+    plan.add_argument("--config", required=True, help="YAML file or preset name (e.g. mistral_7b)")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    plan.add_argument("--tokens", type=float, help="training tokens (e.g. 2e12)")
+    plan.add_argument("--device-hours", type=float, help="device-hours to spend (reverse mode)")
+    plan.add_argument("--hardware", help="a100, h100, h200, b200, tpu-v4, tpu-v5e, tpu-v5p, trillium, cpu or auto "
+                                         "(default: the config's cost.hardware)")
+    plan.add_argument("--peak-tflops", type=float, help="override the per-device peak")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    plan.add_argument("--price", type=float, help="dollars per device-hour (default: cost.price_per_device_hour)")
+    plan.add_argument("--devices", type=int, default=1, help="devices, for the days figure (default 1)")
+    plan.add_argument("--seq-len", type=int, default=4096, help="training sequence length (default 4096, capped "
+                                                                "at model.max_seq_len)")
+    plan.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    plan.set_defaults(func=cmd_cost)
     return parser
 
 
@@ -82,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mixtral-jax {args.verb}: error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         print(f"mixtral-jax {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

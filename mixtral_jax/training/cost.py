@@ -1,0 +1,192 @@
+"""What a run costs: model FLOPs per token (PaLM appendix B), device peaks, MFU, a
+device-hour stopwatch that survives resumes, and the planner behind `mixtral-jax cost`.
+
+Model FLOPs count the matmuls a token touches, not what an implementation happens to run
+(remat recomputation and a dense-dispatch MoE's wasted expert work are excluded), so MFU
+compares runs fairly across implementations.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from mixtral_jax.config import ModelConfig
+
+# Dense bf16 peak TFLOP/s per device (vendor data sheets; no sparsity).
+PEAK_TFLOPS: dict[str, float] = {
+    "a100": 312.0,
+    "h100": 989.0,  # SXM
+    "h200": 989.0,
+    "b200": 2250.0,
+    "tpu-v4": 275.0,
+    "tpu-v5e": 197.0,
+    "tpu-v5p": 459.0,
+    "trillium": 918.0,  # TPU v6e
+}
+HARDWARE_CHOICES = ("auto", "cpu", *PEAK_TFLOPS)
+
+# Substrings of jax's `device_kind`, most specific first.
+_DEVICE_KINDS = (
+    ("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("b200", "b200"),
+    ("tpu v6", "trillium"), ("tpu v5 lite", "tpu-v5e"), ("tpu v5e", "tpu-v5e"), ("tpu v5", "tpu-v5p"),
+    ("tpu v4", "tpu-v4"), ("cpu", "cpu"),
+)
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token = 6 * matmul params + attention; inference is a third."""
+
+    matmul_params: int  # parameters in matmuls one token passes through (active experts only)
+    attention: float  # 12 * L * H * Dh * T_eff
+    effective_context: float  # T_eff: mean positions a token attends to
+
+    @property
+    def train(self) -> float:
+        return 6.0 * self.matmul_params + self.attention
+
+    @property
+    def inference(self) -> float:
+        return self.train / 3.0
+
+
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+    """Attention projections, the FFN a token uses (k of E experts + router), and the LM head.
+    The input embedding is a lookup, not a matmul, so it is not counted (tied or not)."""
+    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.n_heads
+    attention = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    expert = 3 * cfg.dim * cfg.hidden_dim
+    if cfg.moe.num_experts > 0:
+        ffn = cfg.moe.top_k * expert + cfg.dim * cfg.moe.num_experts
+    else:
+        ffn = expert
+    return cfg.n_layers * (attention + ffn) + cfg.dim * cfg.vocab_size
+
+
+def effective_context(seq_len: int, window: int | None) -> float:
+    """Mean number of keys a query attends to over a causal sequence of `seq_len` tokens:
+    position i sees min(i + 1, window) keys."""
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2.0
+    # positions 0..W-1 see i+1 keys, the remaining T-W see W keys
+    return (window * (window + 1) / 2.0 + (seq_len - window) * window) / seq_len
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsPerToken:
+    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.n_heads
+    t_eff = effective_context(seq_len, cfg.sliding_window)
+    attention = 12.0 * cfg.n_layers * cfg.n_heads * head_dim * t_eff
+    return FlopsPerToken(matmul_params_per_token(cfg), attention, t_eff)
+
+
+def detect_hardware() -> str:
+    """Our name for jax.devices()[0], or the raw device_kind if it is not in the table."""
+    import jax
+
+    kind = jax.devices()[0].device_kind.lower()
+    for needle, name in _DEVICE_KINDS:
+        if needle in kind:
+            return name
+    return kind
+
+
+def measure_matmul_peak(dtype: str = "float32", size: int = 2048, reps: int = 5) -> float:
+    """TFLOP/s of a large square matmul on the default device: the practical peak of a CPU
+    (which has no data-sheet figure for JAX's kernels)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best / 1e12
+
+
+def peak_tflops(hardware: str, override: float | None = None, dtype: str = "float32") -> tuple[float, str]:
+    """Per-device peak and where the figure comes from ('config', 'table' or 'measured')."""
+    if override is not None:
+        return float(override), "config"
+    if hardware == "auto":
+        hardware = detect_hardware()
+    if hardware in PEAK_TFLOPS:
+        return PEAK_TFLOPS[hardware], "table"
+    if hardware == "cpu":
+        return measure_matmul_peak(dtype), "measured"
+    raise ValueError(f"no peak TFLOP/s known for hardware '{hardware}'; set cost.peak_tflops")
+
+
+class DeviceClock:
+    """A stopwatch of device time that pauses (compile, eval, checkpoint waits excluded) and
+    whose total is saved in checkpoints, so device-hours and dollars survive a resume."""
+
+    def __init__(self, num_devices: int, seconds: float = 0.0):
+        self.num_devices = num_devices
+        self.seconds = seconds  # wall seconds while running (not yet x devices)
+        self._since: float | None = None
+
+    def start(self) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+    @property
+    def running_seconds(self) -> float:
+        extra = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self.seconds + extra
+
+    @property
+    def device_hours(self) -> float:
+        return self.running_seconds * self.num_devices / 3600.0
+
+    def state(self) -> dict:
+        return {"seconds": self.running_seconds}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A token budget on given hardware: FLOPs, device-hours, days on N devices, dollars."""
+
+    train_flops_per_token: float
+    inference_flops_per_token: float
+    tokens: float
+    total_flops: float
+    peak_tflops: float
+    mfu: float
+    device_hours: float
+    devices: int
+    days: float
+    price_per_device_hour: float
+    cost_usd: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def plan_tokens(cfg: ModelConfig, seq_len: int, tokens: float, peak: float, mfu: float, price: float,
+                devices: int) -> Plan:
+    """Forward: what training on `tokens` costs at an assumed MFU."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"MFU must be in (0, 1], got {mfu}")
+    per_token = flops_per_token(cfg, seq_len)
+    total = per_token.train * tokens
+    device_hours = total / (peak * 1e12 * mfu) / 3600.0
+    return Plan(per_token.train, per_token.inference, tokens, total, peak, mfu, device_hours, devices,
+                device_hours / devices / 24.0, price, device_hours * price)
+
+
+def plan_hours(cfg: ModelConfig, seq_len: int, device_hours: float, peak: float, mfu: float, price: float,
+               devices: int) -> Plan:
+    """Reverse: how many training tokens `device_hours` buy at an assumed MFU."""
+    per_token = flops_per_token(cfg, seq_len)
+    tokens = device_hours * 3600.0 * peak * 1e12 * mfu / per_token.train
+    return plan_tokens(cfg, seq_len, tokens, peak, mfu, price, devices)
