@@ -33,12 +33,18 @@ def test_short_run_lowers_heldout_loss(tmp_path, corpus_cache):
     assert evals[-1] < math.log(cfg.model.vocab_size) - 1.5
     records = [r for r in read_metrics(cfg.run_dir) if "loss" in r]
     for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_seen", "step_time_s",
-                "tokens_per_s", "moe/load_max_over_mean", "moe/load_cv", "moe/dropped_fraction",
+                "tokens_per_s", "model_tflops_per_s", "mfu", "device_hours", "cost_usd", "projected_device_hours",
+                "projected_cost_usd", "moe/load_max_over_mean", "moe/load_cv", "moe/dropped_fraction",
                 "moe/router_entropy", "moe/expert_load"):
         assert key in records[-1], key
     load = records[-1]["moe/expert_load"]
     assert len(load) == 2 and len(load[0]) == 8 and abs(sum(load[0]) - 1.0) < 1e-5
     assert summary["steps"] == 60 and summary["eval_loss"] == pytest.approx(evals[-1])
+    assert summary["tokens"] == 60 * 8 * 64 and summary["peak_source"] == "measured"
+    assert summary["model_flops"] == pytest.approx(summary["tokens"] * summary["train_flops_per_token"])
+    assert 0 < summary["mean_mfu"] < 1 and summary["device_hours"] > 0
+    last = records[-1]
+    assert last["mfu"] == pytest.approx(last["model_tflops_per_s"] / summary["peak_tflops"])
     assert (cfg.run_dir / "config.yaml").is_file() and (cfg.run_dir / "tokenizer.model").is_file()
     assert json.loads((cfg.run_dir / "summary.json").read_text())["unigram_entropy"] > 0
 
@@ -59,6 +65,9 @@ def test_stop_and_resume_matches_uninterrupted(tmp_path, corpus_cache, grad_accu
     for step in range(1, 9):
         assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
     assert a[8]["eval_loss"] == b[8]["eval_loss"]
+    # the device-hour clock is checkpointed: the resumed run continues the total, not from zero
+    assert b[5]["device_hours"] > b[4]["device_hours"] > 0
+    assert b[8]["cost_usd"] == pytest.approx(b[8]["device_hours"] * resumed.cost.price_per_device_hour)
 
 
 def test_eval_and_params_cli(tmp_path, corpus_cache):

@@ -22,6 +22,7 @@ from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mixtral_jax.models.transformer import Transformer, param_counts
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated
 from mixtral_jax.training.checkpoint import Checkpointer
+from mixtral_jax.training.meter import RunMeter
 from mixtral_jax.training.metrics import MetricsLogger
 from mixtral_jax.training.preemption import StopRequest
 from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
@@ -104,64 +105,79 @@ class Trainer:
         preempted job would); returns the summary."""
         cfg = self.cfg
         last_step = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
-        state = self._fresh_state()
-        data_iter = make_train_iterator(cfg.data, self.tokenizer, seed=cfg.run.seed,
-                                        shard_index=jax.process_index(), shard_count=jax.process_count())
+        state, data_iter, meta = self._restore_or_init()
         eval_batches = make_eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batches)
-        start = self.checkpointer.latest_step()
-        if start is not None:
-            state, data_state, _ = self.checkpointer.restore(start, state)
-            data_iter.set_state(data_state)
-            _truncate_metrics(self.run_dir, start)
         start = int(state["step"])
-        counts = param_counts(cfg.model)
+        meter = RunMeter(cfg, meta.get("clock_seconds", 0.0))
         logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=start,
                                wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                run_name=cfg.run.name, config=asdict(cfg), progress=cfg.logging.progress)
         if start:
             logger.write(f"resumed {self.run_dir} at step {start}")
         to_device = batch_sharding(self.mesh)
-        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        step_fn, compile_s = None, 0.0
         window: list[dict] = []
-        window_start = time.perf_counter()
         eval_metrics: dict[str, float] = {}
-        stop = StopRequest()
-        try:
-            stop.__enter__()
-            for step in range(start, last_step):
-                batch = jax.device_put(_global_batch(next(data_iter)), to_device)
-                state, metrics = self.train_step(state, batch)
-                window.append(metrics)
-                done = step + 1
-                logger.advance()
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                    host = _mean_metrics(jax.device_get(window))
-                    elapsed = time.perf_counter() - window_start
-                    host.update(tokens_seen=done * tokens_per_step, step_time_s=elapsed / len(window),
-                                tokens_per_s=len(window) * tokens_per_step / elapsed)
-                    if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+        with StopRequest() as stop:
+            try:
+                for step in range(start, last_step):
+                    batch = jax.device_put(_global_batch(next(data_iter)), to_device)
+                    if step_fn is None:  # compile ahead of time so the device clock never counts it
+                        compile_start = time.perf_counter()
+                        step_fn = self.train_step.lower(state, batch).compile()
+                        compile_s = time.perf_counter() - compile_start
+                        window_start = time.perf_counter()
+                        meter.clock.start()
+                    state, metrics = step_fn(state, batch)
+                    window.append(metrics)
+                    done = step + 1
+                    logger.advance()
+                    record: dict[str, Any] = {}
+                    if done % cfg.train.log_every == 0 or done == last_step:
+                        record = _mean_metrics(jax.device_get(window))  # waits for the steps to finish
+                        record.update(tokens_seen=done * meter.tokens_per_step,
+                                      **meter.window(len(window), time.perf_counter() - window_start, done))
+                        window, window_start = [], time.perf_counter()
+                    if done % cfg.train.eval_every == 0 or done == last_step:
+                        jax.block_until_ready(state)
+                        meter.clock.pause()  # eval time is not training time
+                        paused = time.perf_counter()
                         eval_metrics = self.evaluate(state, eval_batches)
-                        host.update(eval_metrics)
-                    logger.log(done, host)
-                    window, window_start = [], time.perf_counter()
-                elif done % cfg.train.eval_every == 0:
-                    eval_metrics = self.evaluate(state, eval_batches)
-                    logger.log(done, eval_metrics)
-                if done % cfg.train.checkpoint_every == 0 or done == last_step or stop.requested:
-                    self.checkpointer.save(done, state, data_iter.get_state(), {"config_name": cfg.run.name})
-                if stop.requested:
-                    logger.write(f"{stop.requested}: stopped after step {done}, checkpoint saved; "
-                                 f"run the same command again to resume")
-                    break
-            summary = self._summary(state, eval_batches, eval_metrics, counts)
-            summary["stopped_by"] = stop.requested
-            logger.summary(summary)
-        finally:
-            stop.__exit__()
-            self.checkpointer.close()
-            logger.close()
+                        record.update(eval_metrics)
+                        window_start += time.perf_counter() - paused
+                        meter.clock.start()
+                    if record:
+                        logger.log(done, record)
+                    if done % cfg.train.checkpoint_every == 0 or done == last_step or stop.requested:
+                        self.checkpointer.save(done, state, data_iter.get_state(),
+                                               {"clock_seconds": meter.clock.running_seconds})
+                    if stop.requested:
+                        logger.write(f"{stop.requested}: stopped after step {done}, checkpoint saved; "
+                                     f"run the same command again to resume")
+                        break
+                meter.clock.pause()
+                summary = self._summary(state, eval_metrics, meter, compile_s)
+                summary["stopped_by"] = stop.requested
+                logger.summary(summary)
+            finally:
+                self.checkpointer.close()
+                logger.close()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _restore_or_init(self) -> tuple[dict, Any, dict]:
+        """Fresh (or init_from) state, or the latest checkpoint of this run dir."""
+        cfg = self.cfg
+        state = self._fresh_state()
+        data_iter = make_train_iterator(cfg.data, self.tokenizer, seed=cfg.run.seed,
+                                        shard_index=jax.process_index(), shard_count=jax.process_count())
+        meta: dict = {}
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            state, data_state, meta = self.checkpointer.restore(latest, state)
+            data_iter.set_state(data_state)
+            _truncate_metrics(self.run_dir, latest)
+        return state, data_iter, meta
 
     def evaluate(self, state: dict, eval_batches: list[dict]) -> dict[str, float]:
         if not eval_batches:
@@ -172,21 +188,24 @@ class Trainer:
         loss = loss_sum / max(count, 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
-    def _summary(self, state: dict, eval_batches: list[dict], eval_metrics: dict, counts: dict) -> dict:
+    def _summary(self, state: dict, eval_metrics: dict, meter: RunMeter, compile_s: float) -> dict:
         # The baseline a model must beat to have learned more than token frequencies: the
         # unigram entropy of the whole held-out split (the eval batches alone bias it low).
         entropy = heldout_unigram_entropy(self.cfg.data, self.tokenizer)
+        counts = param_counts(self.cfg.model)
         last = _last_record(self.run_dir)
+        steps = int(state["step"])
         return {
             "run": self.cfg.run.name,
-            "steps": int(state["step"]),
-            "tokens_seen": int(state["step"]) * self.cfg.data.batch_size * self.cfg.data.seq_len,
+            "steps": steps,
             "final_loss": last.get("loss"),
             "eval_loss": eval_metrics.get("eval_loss"),
             "eval_ppl": eval_metrics.get("eval_ppl"),
             "unigram_entropy": entropy,
             "params_total": counts["total"],
             "params_active": counts["active"],
+            "compile_s": compile_s,
+            **meter.totals(steps),
         }
 
 
