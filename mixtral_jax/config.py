@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -268,6 +266,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (the union of files and overrides)."""
+    from omegaconf import OmegaConf  # imported here so the schema alone needs only PyYAML
+    from omegaconf.errors import OmegaConfBaseException
+
     _check_keys(raw, Config)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(raw))
@@ -288,7 +289,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
 def save_config(cfg: Config, path: Path) -> None:
