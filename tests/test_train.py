@@ -49,10 +49,15 @@ def test_short_run_lowers_heldout_loss(tmp_path, corpus_cache):
     assert json.loads((cfg.run_dir / "summary.json").read_text())["unigram_entropy"] > 0
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_stop_and_resume_matches_uninterrupted(tmp_path, corpus_cache, grad_accum):
+@pytest.mark.parametrize("variant", [
+    [],
+    ["optim.grad_accum=2", "data.batch_size=16"],
+    # RNG (router jitter) and the loss-free balancing bias must be checkpointed too
+    ["model.moe.jitter=0.1", "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_coef=0"],
+], ids=["plain", "grad_accum", "jitter_and_bias"])
+def test_stop_and_resume_matches_uninterrupted(tmp_path, corpus_cache, variant):
     common = ["train.steps=8", "train.log_every=1", "train.eval_every=8", "train.checkpoint_every=4",
-              "train.eval_batches=2", f"optim.grad_accum={grad_accum}", f"data.batch_size={8 * grad_accum}"]
+              "train.eval_batches=2", *variant]
     straight = _cfg(tmp_path, "straight", *common)
     Trainer(straight).fit()
     resumed = _cfg(tmp_path, "resumed", *common)
@@ -83,3 +88,28 @@ def test_eval_and_params_cli(tmp_path, corpus_cache):
                          capture_output=True, text=True, check=True)
     counts = json.loads(out.stdout)
     assert counts["total"] == 46_702_792_704 and counts["active"] == 12_879_925_248
+
+
+def test_loss_free_bias_is_updated_by_the_train_step(tmp_path, corpus_cache):
+    """The selection bias moves by exactly +-rate per step toward balance, from the step's load."""
+    import jax
+    from flax import nnx
+
+    from mixtral_jax.models.routing import RouterBias
+    from mixtral_jax.training.evaluate import load_run_model
+
+    rate = 0.01
+    cfg = _cfg(tmp_path, "bias", "train.steps=3", "train.log_every=1", "train.checkpoint_every=3",
+               "train.eval_every=3", "train.eval_batches=1", f"model.moe.bias_update_rate={rate}",
+               "model.moe.aux_loss_coef=0")
+    Trainer(cfg).fit()
+    model, _, step = load_run_model(cfg.run_dir)
+    bias = jax.tree.leaves(nnx.state(model, RouterBias))[0]
+    assert step == 3 and bias.shape == (2, 8)
+    # each entry is a sum of three +-rate (or 0) moves
+    steps_taken = jax.numpy.abs(bias) / rate
+    assert float(jax.numpy.max(jax.numpy.abs(steps_taken - jax.numpy.round(steps_taken)))) < 1e-4
+    assert float(jax.numpy.max(jax.numpy.abs(bias))) > 0
+    # the sign of the last move follows the last logged load: overloaded experts go down
+    load = [r for r in read_metrics(cfg.run_dir) if "loss" in r][-1]["moe/expert_load"]
+    assert len(load) == 2

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from mixtral_jax.config import Config
+from mixtral_jax.models.moe import update_router_biases
 
 Batch = dict[str, jax.Array]
 TrainState = dict[str, Any]  # {step, params, model_state, opt_state, rng}
@@ -45,9 +46,15 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     accum = cfg.optim.grad_accum
     is_moe = cfg.model.is_moe
 
-    def microbatch_loss(params, model_state, mb: Batch, total_tokens):
+    use_jitter = is_moe and moe.jitter > 0
+
+    def microbatch_loss(params, model_state, mb: Batch, total_tokens, key):
+        # Rebuild the non-differentiated variables at this trace level: NNX refuses to merge
+        # variables made under an outer trace into a module used by its transforms (nnx.scan).
+        model_state = jax.tree.map(lambda v: v, model_state)
         model = nnx.merge(graphdef, params, model_state)
-        logits, aux = model(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+        logits, aux = model(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"],
+                            router_rng=key if use_jitter else None)
         ce_sum, count = cross_entropy_sums(logits, mb["targets"], mb["loss_mask"])
         # Normalise by the whole batch's token count so accumulated gradients equal the
         # full-batch gradient of the token-mean loss; router losses are averaged over microbatches.
@@ -60,18 +67,24 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         params, model_state = state["params"], state["model_state"]
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+        rng, step_key = jax.random.split(state["rng"])
+        micro["key"] = jax.random.split(step_key, accum)
 
+        # NNX variables may only be used at the trace level that made them, so the model state
+        # travels through the scan carry and eval_shape arguments instead of closures.
         def accumulate(carry, mb):
-            grads, ce_sum, aux_sum = carry
-            (_, (ce, _, aux)), g = grad_fn(params, model_state, mb, total_tokens)
+            grads, ce_sum, aux_sum, ms = carry
+            (_, (ce, _, aux)), g = grad_fn(params, ms, mb, total_tokens, mb["key"])
             aux_sum = jax.tree.map(lambda a, b: a + b / accum, aux_sum, aux)
-            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, aux_sum), None
+            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, aux_sum, ms), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         first_mb = jax.tree.map(lambda x: x[0], micro)
-        aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, first_mb, total_tokens)[0][1][2])
+        aux_shape = jax.eval_shape(lambda p, ms, mb: grad_fn(p, ms, mb, total_tokens, mb["key"])[0][1][2],
+                                   params, model_state, first_mb)
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-        (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zero_grads, jnp.float32(0.0), zero_aux), micro)
+        init = (zero_grads, jnp.float32(0.0), zero_aux, model_state)
+        (grads, ce_sum, aux, model_state), _ = jax.lax.scan(accumulate, init, micro)
 
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
@@ -86,7 +99,12 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         }
         if is_moe:
             metrics.update(router_metrics(aux))
-        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+        if is_moe and moe.bias_update_rate > 0:
+            # Loss-free balancing: nudge each layer's selection bias toward balance, using the
+            # load over the whole global batch, outside the gradient.
+            model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate)
+        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
+                         model_state=model_state, rng=rng)
         return new_state, metrics
 
     return step
