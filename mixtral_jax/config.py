@@ -339,6 +339,9 @@ def validate(cfg: Config) -> None:
     _choice(moe.dispatch, DISPATCHES, "model.moe.dispatch")
     _choice(moe.router_dtype, DTYPES, "model.moe.router_dtype")
     _choice(moe.aux_loss_scope, AUX_LOSS_SCOPES, "model.moe.aux_loss_scope")
+    if moe.num_experts > 0 and moe.router == "expert_choice":
+        _require(moe.bias_update_rate == 0, "model.moe.bias_update_rate",
+                 "loss-free balancing biases token-choice selection; expert_choice is balanced by construction")
     _require(moe.capacity_factor > 0, "model.moe.capacity_factor", "must be positive")
     for key in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
         _require(getattr(moe, key) >= 0, f"model.moe.{key}", "must be >= 0")

@@ -78,3 +78,8 @@ def test_cli_reports_config_error_in_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "did you mean 'model.dim'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_expert_choice_rejects_loss_free_bias():
+    with pytest.raises(ConfigError, match="model.moe.bias_update_rate"):
+        load_config("configs/quickstart.yaml", ["model.moe.router=expert_choice", "model.moe.bias_update_rate=0.01"])

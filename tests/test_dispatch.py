@@ -14,7 +14,7 @@ from mixtral_jax.models.dispatch import (
     dropless,
     expert_choice_dispatch,
 )
-from mixtral_jax.models.grouped import blocked_swiglu, ragged_swiglu
+from mixtral_jax.models.grouped import blocked_slot_swiglu, ragged_slot_swiglu
 from mixtral_jax.models.routing import expert_choice, topk_softmax
 
 
@@ -85,22 +85,27 @@ def test_three_dispatch_paths_agree(seed, n, d, h, e, k, case):
             assert not np.any(np.asarray(grads[2])[0]), path
 
 
-@pytest.mark.parametrize("sizes,block", [([5, 0, 17, 2], 4), ([0, 0, 24, 0], 16), ([3, 3, 3, 3], 16)])
-def test_blocked_grouped_swiglu_equals_ragged_dot(sizes, block):
-    """The CPU grouped matmul against ragged_dot, incl. empty groups and groups over many blocks."""
-    x, _, experts = make_inputs(7, sum(sizes), 8, 12, len(sizes))
-    sizes = jnp.asarray(sizes, jnp.int32)
+@pytest.mark.parametrize("case,block", [("random", 4), ("empty", 16), ("all", 8)])
+def test_blocked_slot_swiglu_equals_ragged_dot(case, block):
+    """The CPU grouped matmul (small blocks: several per expert, partial ones, an expert without
+    tokens) against ragged_dot, outputs and gradients."""
+    x, logits, experts = make_inputs(7, 30, 8, 12, 4, case)
+    ids = jnp.asarray(np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :2])
+    cot = jnp.asarray(np.random.default_rng(8).normal(size=(30, 2, 8)), jnp.float32)
 
-    def loss(impl, x, experts):
-        return jnp.sum(jnp.sin(impl(x, sizes, *experts)))
+    def value_and_grads(impl):
+        loss = lambda x, experts: jnp.sum(impl(x, ids, *experts) * cot)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, experts)
 
-    blocked = lambda *a: blocked_swiglu(*a, block=block)
-    got, want = (jax.jit(jax.value_and_grad(lambda *a: loss(impl, *a), argnums=(0, 1)))(x, experts)
-                 for impl in (blocked, ragged_swiglu))
-    np.testing.assert_allclose(np.asarray(jax.jit(blocked)(x, sizes, *experts)),
-                               np.asarray(jax.jit(ragged_swiglu)(x, sizes, *experts)), rtol=1e-5, atol=1e-6)
+    got = value_and_grads(lambda *a: blocked_slot_swiglu(*a, block=block))
+    want = value_and_grads(ragged_slot_swiglu)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    out = jax.jit(lambda x: blocked_slot_swiglu(x, ids, *experts, block=block))(x)
+    w_gate, w_up, w_down = as_np(experts)
+    e = int(ids[5, 1])
+    want = np_swiglu(np.asarray(x[5], np.float64), w_gate[e], w_up[e], w_down[e])
+    np.testing.assert_allclose(np.asarray(out[5, 1]), want, rtol=1e-4, atol=1e-5)
 
 
 def test_capacity_size_formula():

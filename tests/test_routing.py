@@ -162,7 +162,8 @@ def test_hf_mixtral_loss_is_top_k_times_ours_for_one_layer():
         ours = float(load_balancing_loss(jax.nn.softmax(jnp.asarray(logits))[None], jnp.asarray(assigned)[None]))
         theirs = float(hf.load_balancing_loss_func((torch.tensor(logits),), 4, k))
         np.testing.assert_allclose(theirs, k * ours, rtol=1e-5)
-    balanced = torch.tensor([[4.0 if e == i else (2.0 if e == (i + 1) % 4 else 0.0) for e in range(4)] for i in range(4)])
+    balanced = torch.tensor([[4.0 if e == i else (2.0 if e == (i + 1) % 4 else 0.0) for e in range(4)]
+                             for i in range(4)])
     assert abs(float(hf.load_balancing_loss_func((balanced, balanced), 4, 2)) - 2.0) < 1e-5  # top_k at balance
 
 

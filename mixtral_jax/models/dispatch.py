@@ -8,7 +8,7 @@ the weighted combination is accumulated in float32.
 
 - `dense`: every expert on every token, combined with the [N, E] matrix: the reference (any router).
 - `capacity`: GShard fixed capacity per expert, overflow dropped by router score (`capacity_size`).
-- `dropless`: sort by expert, grouped matmuls; nothing dropped (`grouped_swiglu`).
+- `dropless`: sort by expert, grouped matmuls; nothing dropped (`grouped.slot_swiglu`).
 - `expert_choice_dispatch`: for the expert-choice router, whose [E, C] table is already the layout.
 `DISPATCHERS` maps `model.moe.dispatch` to a builder `(MoEConfig) -> dispatcher`.
 """
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import MoEConfig
-from mixtral_jax.models.grouped import grouped_swiglu
+from mixtral_jax.models.grouped import slot_swiglu, take_rows
 from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice
 
 
@@ -44,18 +44,9 @@ def batched_swiglu(xs: jax.Array, experts: Experts) -> jax.Array:
     return jnp.einsum("ech,ehd->ecd", jax.nn.silu(gate) * up, experts.w_down)
 
 
-def _gather_apply_scatter(
-    x: jax.Array, token_table: jax.Array, weight_table: jax.Array, experts: Experts
-) -> jax.Array:
-    """Slot tables [E, C] (token index, combine weight) -> y [N, D] float32.
-
-    Empty slots hold token index N (out of range): they gather a zero row (SwiGLU(0) = 0) and
-    their scatter is dropped, so they cost compute but contribute neither output nor gradient.
-    """
-    n, d = x.shape
-    xs = jnp.take(x, token_table, axis=0, mode="fill", fill_value=0)  # [E, C, D]
-    out = batched_swiglu(xs, experts).astype(jnp.float32) * weight_table[..., None]
-    return jnp.zeros((n, d), jnp.float32).at[token_table.reshape(-1)].add(out.reshape(-1, d), mode="drop")
+def _combine(per_slot: jax.Array, weights: jax.Array) -> jax.Array:
+    """[N, k, D] expert outputs per slot, weights [N, k] -> y [N, D] float32."""
+    return jnp.sum(per_slot.astype(jnp.float32) * weights.astype(jnp.float32)[..., None], axis=1)
 
 
 def dense(x: jax.Array, routing: Routing, experts: Experts) -> tuple[jax.Array, jax.Array]:
@@ -89,7 +80,7 @@ def capacity(
     weight are kept; ties go to the earlier token (then the earlier slot). A dropped pair contributes
     nothing: a token losing all its slots passes through the residual unchanged, one losing one of
     two keeps the other's weighted output, not renormalised. Returns the fraction of the N * k
-    slots dropped. Cost: one sort of N * k keys, an [E, C, D] gather, batched matmuls, a scatter-add.
+    slots dropped. Cost: one sort of N * k keys, row gathers in and out, batched [E, C, D] matmuls.
     """
     n, k = routing.expert_ids.shape
     num_experts = experts.w_gate.shape[0]
@@ -103,12 +94,15 @@ def capacity(
     starts = jnp.cumsum(counts) - counts
     rank = slots - starts[sorted_ids]  # position of each sorted slot within its expert's queue
     kept = rank < cap
-    dest = jnp.where(kept, sorted_ids * cap + rank, num_experts * cap)  # out of range -> dropped
-    # slot table: for each of the E*C places, which flat (token, slot) fills it (n*k = empty)
+    dest = jnp.where(kept, sorted_ids * cap + rank, num_experts * cap)  # out of range = dropped
+    slot_dest = jnp.zeros_like(dest).at[order].set(dest, unique_indices=True)  # per flat slot
+    # table: for each of the E*C places, which flat slot fills it (n*k = empty)
     source = jnp.full((num_experts * cap,), n * k, jnp.int32).at[dest].set(order, mode="drop")
-    token_table = (source // k).reshape(num_experts, cap)  # empty -> token n, out of range
-    weight_table = jnp.take(flat_w, source, mode="fill", fill_value=0).reshape(num_experts, cap)
-    y = _gather_apply_scatter(x, token_table, weight_table.astype(jnp.float32), experts)
+    token_table = jnp.where(source < n * k, source // k, n)  # empty places read a zero row
+    xs = take_rows(x, token_table).reshape(num_experts, cap, -1)
+    out = batched_swiglu(xs, experts).reshape(num_experts * cap, -1)
+    per_slot = take_rows(out, slot_dest).reshape(n, k, -1)  # dropped slots read zeros
+    y = _combine(per_slot, routing.weights)
     dropped = (n * k - jnp.sum(kept)) / (n * k)  # integer count first: exactly 0 when none dropped
     return y.astype(x.dtype), dropped.astype(jnp.float32)
 
@@ -119,17 +113,7 @@ def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.
     Work is proportional to N * k (no expert sees a token not routed to it) and no token is ever
     dropped, whatever the imbalance: group sizes are data-dependent but the total is static.
     """
-    n, k = routing.expert_ids.shape
-    num_experts = experts.w_gate.shape[0]
-    flat_ids = routing.expert_ids.reshape(-1)
-    # Stable sort keeps tokens in order within each expert group (deterministic results).
-    order = jnp.argsort(flat_ids, stable=True).astype(jnp.int32)
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-    out = grouped_swiglu(x[order // k], group_sizes, *experts)  # [N*k, D], grouped by expert
-    # Combine without a scatter: slot n*k+j sits at sorted row inverse[n*k+j] (a permutation).
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=jnp.int32), unique_indices=True)
-    per_slot = out.at[inverse].get(unique_indices=True).astype(jnp.float32).reshape(n, k, -1)
-    y = jnp.einsum("nkd,nk->nd", per_slot, routing.weights.astype(jnp.float32))
+    y = _combine(slot_swiglu(x, routing.expert_ids, *experts), routing.weights)
     return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
 
 
@@ -139,8 +123,11 @@ def expert_choice_dispatch(
     """The expert-choice router's [E, C] table is the dispatch layout: gather, batched SwiGLU,
     gate-weighted scatter-add. Nothing is dropped for capacity; `dropped_fraction` reports the
     fraction of tokens no expert chose (they pass through the residual unchanged)."""
-    n = x.shape[0]
-    y = _gather_apply_scatter(x, routing.token_idx, routing.gates.astype(jnp.float32), experts)
+    n, d = x.shape
+    # Empty places cannot occur (C <= N), so a plain gather and scatter-add suffice here.
+    xs = x[routing.token_idx]  # [E, C, D]
+    out = batched_swiglu(xs, experts).astype(jnp.float32) * routing.gates[..., None].astype(jnp.float32)
+    y = jnp.zeros((n, d), jnp.float32).at[routing.token_idx.reshape(-1)].add(out.reshape(-1, d))
     picks = jnp.zeros((n,), jnp.int32).at[routing.token_idx.reshape(-1)].add(1)
     return y.astype(x.dtype), jnp.mean(picks == 0).astype(jnp.float32)
 

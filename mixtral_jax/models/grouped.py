@@ -1,22 +1,38 @@
-"""Grouped SwiGLU for dropless dispatch: rows sorted by expert, one expert's weights per group.
+"""Grouped SwiGLU for dropless dispatch.
 
-    grouped_swiglu(xs [M, D], group_sizes [E], w_gate [E, D, H], w_up [E, D, H], w_down [E, H, D])
-        -> [M, D], row r of group e = SwiGLU_e(xs[r])
+    slot_swiglu(x [N, D], expert_ids [N, k], w_gate [E, D, H], w_up [E, D, H], w_down [E, H, D])
+        -> [N, k, D], out[n, j] = SwiGLU_{expert_ids[n, j]}(x[n])
 
-Two implementations, chosen by backend in `grouped_swiglu`:
-- `ragged_swiglu`: `jax.lax.ragged_dot`, which GPU and TPU lower to a native grouped matmul.
-  On CPU, JAX lowers ragged_dot to a dense matmul over a masked [E, M, D] copy of the input:
-  E times the work (measured 9x a dense layer of the same active FLOPs at E=8, k=2).
-- `blocked_swiglu` (CPU): each group is padded to a multiple of a block size b, and a loop runs
-  one [b, D] x [D, H] SwiGLU per used block with that block's expert weights. The backward pass
-  is hand-written (custom_vjp) so weight gradients accumulate in place per expert; autodiff of a
-  scan would add a full [E, D, H] zero-padded cotangent every block (measured 1.4x vs 1.1x).
+It sorts the N * k slots by expert once, lays the rows out for the backend's grouped matmul,
+gathers x into that layout and gathers the results back per slot. (A custom backward making
+both moves gathers instead of scatter-adds was tried: no measurable change on CPU.)
+Two grouped matmuls, chosen by backend in `slot_swiglu`:
+- `ragged_slot_swiglu` (GPU, TPU): rows sorted by expert, `jax.lax.ragged_dot`, which JAX lowers
+  to XLA's ragged-dot instruction on TPU (not measured here). On CPU, JAX lowers ragged_dot to
+  one dense matmul over a masked [E, M, D] copy of the input (measured 9x a dense layer of the
+  same active FLOPs at E=8, k=2), and on GPU (H100, jax 0.11.2) it was likewise expanded to E
+  dense matmuls: 5-14x. A fast GPU grouped matmul is still to do; there `capacity` dispatch is
+  the fast path for now (1.4-1.7x).
+- `blocked_slot_swiglu` (CPU): each expert's rows padded to whole blocks of b rows, and a loop
+  over the used blocks runs one [b, D] x [D, H] SwiGLU with that block's expert weights. The
+  backward pass is hand-written (custom_vjp) so weight gradients accumulate in place per expert:
+  autodiff of a scan adds a full zero-padded [E, D, H] cotangent every block (measured about
+  1.5x vs 1.1x a dense layer). On the GPU this loop is launch-bound (measured 7-10x).
+  Tried and slower on CPU: one loop per expert with its blocks nested inside, a fused [D, 2H]
+  gate-up weight, and batched matmuls over per-block gathered weights (1.5x).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+
+
+def take_rows(src: jax.Array, index: jax.Array) -> jax.Array:
+    """src[index] along rows; out-of-range indices give zero rows (padding, dropped slots)."""
+    return jnp.take(src, index, axis=0, mode="fill", fill_value=0)
 
 
 def ragged_swiglu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -27,11 +43,11 @@ def ragged_swiglu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up
 
 
 def block_size(rows: int, num_experts: int) -> int:
-    """Padding wastes under one block per expert (E * b / 2 rows on average), so b scales with
-    the rows per expert: the power of two near rows / (4 E), kept within [16, 256] so each block
-    matmul stays efficient and the loop short."""
+    """Padding wastes under one block per expert (E * b / 2 rows on average), but XLA:CPU runs
+    [b, D] x [D, H] matmuls below b = 128 much less efficiently (measured at D = 256: b = 64 costs
+    1.15-1.3x the time of b = 128). So: the power of two near rows / (4 E), within [128, 256]."""
     target = max(1, rows // (4 * num_experts))
-    return int(min(256, max(16, 1 << (target.bit_length() - 1))))
+    return int(min(256, max(128, 1 << (target.bit_length() - 1))))
 
 
 def _silu_parts(gate: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -95,30 +111,72 @@ def _blocked_bwd(res, d_out):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def blocked_swiglu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, block: int | None = None) -> jax.Array:
-    """Same contract as `ragged_swiglu`; pads each group to whole blocks (see module docstring)."""
-    rows, d = xs.shape
-    num_experts = w_gate.shape[0]
-    b = block or block_size(rows, num_experts)
-    # Static bound: each group wastes less than one block, so <= (M + E (b - 1)) / b blocks.
+def _block_layout(group_sizes: jax.Array, rows: int, b: int):
+    """Padded row of each sorted row, expert of each block, used blocks, and the static block count.
+
+    Static bound: each group wastes less than one block, so at most (M + E (b - 1)) / b blocks.
+    """
+    num_experts = group_sizes.shape[0]
     num_blocks = (rows + num_experts * (b - 1)) // b
     blocks_per_group = (group_sizes + b - 1) // b
     block_ends = jnp.cumsum(blocks_per_group)
-    group_starts = jnp.cumsum(group_sizes) - group_sizes
-    padded_starts = (block_ends - blocks_per_group) * b
-    row_group = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(rows), side="right")
-    row_group = jnp.minimum(row_group, num_experts - 1)
-    dest = padded_starts[row_group] + jnp.arange(rows) - group_starts[row_group]  # unique
-    xp = jnp.zeros((num_blocks * b, d), xs.dtype).at[dest].set(xs, unique_indices=True)
+    group_ends = jnp.cumsum(group_sizes)
+    row_group = jnp.minimum(jnp.searchsorted(group_ends, jnp.arange(rows), side="right"), num_experts - 1)
+    offset = (block_ends - blocks_per_group) * b - (group_ends - group_sizes)  # padded - sorted start
+    dest = jnp.arange(rows) + offset[row_group]
     block_expert = jnp.minimum(jnp.searchsorted(block_ends, jnp.arange(num_blocks), side="right"),
                                num_experts - 1).astype(jnp.int32)
-    out = _blocked(xp.reshape(num_blocks, b, d), block_expert, block_ends[-1], w_gate, w_up, w_down)
-    return out.reshape(num_blocks * b, d).at[dest].get(unique_indices=True)
+    return dest, block_expert, block_ends[-1], num_blocks
 
 
-def grouped_swiglu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array) -> jax.Array:
-    """The grouped SwiGLU for the current backend (decided at trace time)."""
-    impl = blocked_swiglu if jax.default_backend() == "cpu" else ragged_swiglu
-    return impl(xs, group_sizes, w_gate, w_up, w_down)
+def _sorted_layout(expert_ids: jax.Array, num_experts: int):
+    """Sort the N * k slots by expert (stable: token order within an expert, deterministic)."""
+    flat = expert_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row -> slot
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, group_sizes
+
+
+def _move(x: jax.Array, slot_of_row: jax.Array, row_of_slot: jax.Array, k: int,
+          compute: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Gather x into the row layout, compute, gather the rows back per slot -> [N, k, D]."""
+    n = x.shape[0]
+    token_of_row = jnp.where(slot_of_row < n * k, slot_of_row // k, n)  # padding rows -> zero row
+    out = compute(take_rows(x, token_of_row))
+    return take_rows(out, row_of_slot).reshape(n, k, -1)
+
+
+def ragged_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                       w_down: jax.Array) -> jax.Array:
+    """slot_swiglu with rows sorted by expert and `ragged_dot` (accelerators)."""
+    n, k = expert_ids.shape
+    order, group_sizes = _sorted_layout(expert_ids, w_gate.shape[0])
+    row_of_slot = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=jnp.int32), unique_indices=True)
+    return _move(x, order, row_of_slot, k, lambda xs: ragged_swiglu(xs, group_sizes, w_gate, w_up, w_down))
+
+
+def blocked_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                        w_down: jax.Array, block: int | None = None) -> jax.Array:
+    """slot_swiglu with each expert's rows padded to whole blocks and the block loop (CPU)."""
+    n, k = expert_ids.shape
+    d = x.shape[1]
+    order, group_sizes = _sorted_layout(expert_ids, w_gate.shape[0])
+    b = block or block_size(n * k, w_gate.shape[0])
+    dest, block_expert, n_used, num_blocks = _block_layout(group_sizes, n * k, b)
+    row_of_slot = jnp.zeros_like(order).at[order].set(dest.astype(jnp.int32), unique_indices=True)
+    # padding rows name slot n*k (out of range): they gather zeros and are never gathered back
+    slot_of_row = jnp.full((num_blocks * b,), n * k, jnp.int32).at[dest].set(order, unique_indices=True)
+
+    def compute(xp):
+        out = _blocked(xp.reshape(num_blocks, b, d), block_expert, n_used, w_gate, w_up, w_down)
+        return out.reshape(num_blocks * b, d)
+
+    return _move(x, slot_of_row, row_of_slot, k, compute)
+
+
+def slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                w_down: jax.Array) -> jax.Array:
+    """[N, k, D]: every (token, slot) through its expert, with the backend's grouped matmul
+    (decided at trace time)."""
+    impl = blocked_slot_swiglu if jax.default_backend() == "cpu" else ragged_slot_swiglu
+    return impl(x, expert_ids, w_gate, w_up, w_down)

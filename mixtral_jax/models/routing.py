@@ -128,10 +128,11 @@ def expert_choice(logits: jax.Array, capacity_factor: float) -> ExpertChoice:
     return ExpertChoice(gates, token_idx.astype(jnp.int32))
 
 
-def _token_choice(router: Callable[..., TokenChoice], **options) -> Callable[[MoEConfig], Router]:
+def _token_choice(router: Callable[..., TokenChoice], *options: str) -> Callable[[MoEConfig], Router]:
+    """Builder binding top_k and the named MoEConfig fields (scalars, not the config itself)."""
     def build(moe: MoEConfig) -> Router:
         k = moe.top_k
-        extra = {name: getattr(moe, name) for name in options}  # scalars only, not the config
+        extra = {name: getattr(moe, name) for name in options}
         return lambda logits, bias: router(logits, k, bias, **extra)
     return build
 
@@ -145,7 +146,7 @@ def _expert_choice(moe: MoEConfig) -> Router:
 # name -> builder from the config; the builder's result is called as router(logits, bias).
 ROUTERS: dict[str, Callable[[MoEConfig], Router]] = {
     "topk_softmax": _token_choice(topk_softmax),
-    "softmax_topk": _token_choice(softmax_topk, renormalize=True),
+    "softmax_topk": _token_choice(softmax_topk, "renormalize"),
     "expert_choice": _expert_choice,
 }
 
