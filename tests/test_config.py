@@ -83,3 +83,13 @@ def test_cli_reports_config_error_in_one_line():
 def test_expert_choice_rejects_loss_free_bias():
     with pytest.raises(ConfigError, match="model.moe.bias_update_rate"):
         load_config("configs/quickstart.yaml", ["model.moe.router=expert_choice", "model.moe.bias_update_rate=0.01"])
+
+
+@pytest.mark.parametrize("name", ["pretrain/mistral_7b.yaml", "pretrain/mixtral_8x7b.yaml"])
+def test_full_scale_pretrain_configs_validate(name):
+    cfg = load_config(f"configs/{name}")
+    assert cfg.data.seq_len == 4096 and cfg.model.dim == 4096
+    if "mixtral" in name:
+        assert cfg.model.moe.num_experts == 8 and cfg.mesh.expert == 8 and cfg.model.sliding_window is None
+    else:
+        assert cfg.model.sliding_window == 4096 and cfg.model.moe.num_experts == 0
