@@ -11,9 +11,12 @@ from mixtral_jax.config import ConfigError, load_config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # validate before JAX starts anything
+    from mixtral_jax.parallel.mesh import initialize_distributed
+
+    initialize_distributed()  # joins a multi-process job when the launcher's env says so
     from mixtral_jax.training.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
     summary = Trainer(cfg).fit()
     print(json.dumps(summary, indent=2))
     if summary.get("eval_loss") is not None:

@@ -1,8 +1,10 @@
-"""Device mesh from config: axes (data, fsdp, expert, tensor), `-1` fills the remaining devices."""
+"""Device mesh from config: axes (data, fsdp, expert, tensor), `-1` fills the remaining devices;
+multi-process (multi-host) start-up from the launcher's environment."""
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -16,7 +18,14 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+def _describe_devices(devices: Sequence[jax.Device] | None) -> str:
+    devices = list(devices if devices is not None else jax.devices())
+    shown = ", ".join(str(d) for d in devices[:16])
+    more = f", ... ({len(devices) - 16} more)" if len(devices) > 16 else ""
+    return f"{shown}{more} in {jax.process_count()} process(es)"
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int, devices: Sequence[jax.Device] | None = None) -> dict[str, int]:
     """Resolve `-1` and check the product against the devices found."""
     sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
     fixed = math.prod(v for v in sizes.values() if v != -1)
@@ -31,13 +40,13 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
         shape = " x ".join(f"{a}={v}" for a, v in sizes.items())
         raise ConfigError(
             f"config key 'mesh': {shape} needs {math.prod(sizes.values())} devices but {num_devices} were found "
-            f"({jax.devices()[0].platform}); set one axis to -1 to fill the devices")
+            f"({_describe_devices(devices)}); set one axis to -1 to fill the devices")
     return sizes
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(cfg, len(devices))
+    sizes = mesh_shape(cfg, len(devices), devices)
     grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
     return Mesh(grid, MESH_AXES)
 
@@ -53,3 +62,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def initialize_distributed() -> bool:
+    """Join a multi-process JAX job when the launcher says there is one; call before any JAX
+    computation. Returns True when it initialised (then jax.devices() spans every process).
+
+    Recognised: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (explicit; also
+    JAX_LOCAL_DEVICE_IDS), SLURM (srun with more than one task), Open MPI (mpirun -n > 1) and
+    multi-host Cloud TPU slices; JAX's own cluster detection fills in the details for the last three.
+    """
+    env = os.environ
+    explicit = "JAX_COORDINATOR_ADDRESS" in env
+    slurm = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
+    mpi = int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    if not (explicit or slurm or mpi or tpu_pod) or jax.distributed.is_initialized():
+        return False
+    # Cross-process collectives between CPU devices need a transport; gloo (TCP) ships with
+    # jaxlib. It only affects the CPU backend, so it is harmless on GPU / TPU hosts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if explicit and "JAX_NUM_PROCESSES" in env:
+        kwargs = {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+                  "num_processes": int(env["JAX_NUM_PROCESSES"]), "process_id": int(env["JAX_PROCESS_ID"])}
+    jax.distributed.initialize(**kwargs)
+    return True

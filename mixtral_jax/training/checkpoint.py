@@ -74,4 +74,16 @@ def split_state(state: dict) -> tuple[dict, dict]:
 
 
 def _target(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """Restore targets. Leaves that carry a sharding (the trainer passes the current mesh's)
+    are restored into it, resharding whatever mesh wrote the checkpoint; leaves without one
+    (eval / generate build abstract models) go to the first local device rather than to the
+    saved layout, whose devices may not exist in this process."""
+
+    def one(leaf: Any) -> Any:
+        struct = ocp.utils.to_shape_dtype_struct(leaf)
+        if getattr(struct, "sharding", None) is None:
+            struct = jax.ShapeDtypeStruct(struct.shape, struct.dtype,
+                                          sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        return struct
+
+    return jax.tree.map(one, tree)

@@ -9,24 +9,27 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from mixtral_jax.config import Config, ConfigError, load_config, save_config
 from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_batches, make_train_iterator
 from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mixtral_jax.models.transformer import Transformer, param_counts
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated
+from mixtral_jax.parallel.rules import state_shardings
 from mixtral_jax.training.checkpoint import Checkpointer
 from mixtral_jax.training.meter import RunMeter
 from mixtral_jax.training.metrics import MetricsLogger
 from mixtral_jax.training.preemption import StopRequest
 from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
-from mixtral_jax.training.step import make_eval_step, make_train_step
+from mixtral_jax.training.step import TrainState, make_eval_step, make_train_step
 
 
 class Trainer:
@@ -47,9 +50,11 @@ class Trainer:
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
         self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        step_fn = make_train_step(cfg, self.graphdef, self.tx, self.lr_schedule)
-        self.train_step = jax.jit(step_fn, donate_argnums=0)
-        self.eval_step = jax.jit(make_eval_step(self.graphdef))
+        self.init_fn = make_init_fn(cfg, self.tx)
+        self.abstract_state = jax.eval_shape(self.init_fn)
+        self.state_shardings = state_shardings(self.abstract_state, self.mesh)
+        self.train_step, self.eval_step = sharded_steps(cfg, self.graphdef, self.tx, self.lr_schedule, self.mesh,
+                                                        self.state_shardings)
 
     # ------------------------------------------------------------------ setup
 
@@ -60,24 +65,14 @@ class Trainer:
             shutil.copyfile(tok.path, target)
         return tok
 
-    def _init_state(self) -> dict:
-        model = Transformer(self.cfg.model, rngs=nnx.Rngs(self.cfg.run.seed))
-        _, params, model_state = nnx.split(model, nnx.Param, ...)
-        return {
-            "step": jnp.asarray(0, jnp.int32),
-            "params": params,
-            "model_state": model_state,
-            "opt_state": self.tx.init(params),
-            "rng": jax.random.PRNGKey(self.cfg.run.seed + 1),
-        }
-
     def _graphdef(self) -> nnx.GraphDef:
         model = nnx.eval_shape(lambda: Transformer(self.cfg.model, rngs=nnx.Rngs(0)))
         graphdef, _, _ = nnx.split(model, nnx.Param, ...)
         return graphdef
 
     def _fresh_state(self) -> dict:
-        state = jax.jit(self._init_state, out_shardings=replicated(self.mesh))()
+        # Each device computes only its own shards: no full copy of the model on one device.
+        state = jax.jit(self.init_fn, out_shardings=self.state_shardings)()
         if self.cfg.train.init_from:
             state.update(self._load_init_weights(state))
         return state
@@ -106,7 +101,8 @@ class Trainer:
         cfg = self.cfg
         last_step = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
         state, data_iter, meta = self._restore_or_init()
-        eval_batches = make_eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batches)
+        eval_batches = make_eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batches,
+                                         shard_index=jax.process_index(), shard_count=jax.process_count())
         start = int(state["step"])
         meter = RunMeter(cfg, meta.get("clock_seconds", 0.0))
         logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=start,
@@ -121,7 +117,7 @@ class Trainer:
         with StopRequest() as stop:
             try:
                 for step in range(start, last_step):
-                    batch = jax.device_put(_global_batch(next(data_iter)), to_device)
+                    batch = global_batch(next(data_iter), to_device)
                     if step_fn is None:  # compile ahead of time so the device clock never counts it
                         compile_start = time.perf_counter()
                         step_fn = self.train_step.lower(state, batch).compile()
@@ -168,22 +164,24 @@ class Trainer:
     def _restore_or_init(self) -> tuple[dict, Any, dict]:
         """Fresh (or init_from) state, or the latest checkpoint of this run dir."""
         cfg = self.cfg
-        state = self._fresh_state()
         data_iter = make_train_iterator(cfg.data, self.tokenizer, seed=cfg.run.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
-        meta: dict = {}
         latest = self.checkpointer.latest_step()
-        if latest is not None:
-            state, data_state, meta = self.checkpointer.restore(latest, state)
-            data_iter.set_state(data_state)
-            _truncate_metrics(self.run_dir, latest)
+        if latest is None:
+            return self._fresh_state(), data_iter, {}
+        # Restore straight into this mesh's shardings (whatever mesh the checkpoint was saved on).
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              self.abstract_state, self.state_shardings)
+        state, data_state, meta = self.checkpointer.restore(latest, target)
+        data_iter.set_state(data_state)
+        _truncate_metrics(self.run_dir, latest)
         return state, data_iter, meta
 
     def evaluate(self, state: dict, eval_batches: list[dict]) -> dict[str, float]:
         if not eval_batches:
             return {}
-        totals = [self.eval_step(state["params"], state["model_state"], jax.device_put(b, batch_sharding(self.mesh)))
-                  for b in eval_batches]
+        data = batch_sharding(self.mesh)
+        totals = [self.eval_step(state["params"], state["model_state"], global_batch(b, data)) for b in eval_batches]
         loss_sum, count = (float(sum(x)) for x in zip(*jax.device_get(totals)))
         loss = loss_sum / max(count, 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -209,9 +207,45 @@ class Trainer:
         }
 
 
-def _global_batch(batch: dict) -> dict:
-    """The process-local slice as numpy; a multi-host issue assembles global arrays here."""
-    return {k: np.asarray(v) for k, v in batch.items()}
+def make_init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable[[], TrainState]:
+    """`init() -> fresh train state`; jit it with the rules' out_shardings to build it sharded."""
+
+    def init() -> TrainState:
+        model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
+        _, params, model_state = nnx.split(model, nnx.Param, ...)
+        return {
+            "step": jnp.asarray(0, jnp.int32),
+            "params": params,
+            "model_state": model_state,
+            "opt_state": tx.init(params),  # moments keep the params' Variables, hence their shardings
+            "rng": jax.random.PRNGKey(cfg.run.seed + 1),
+        }
+
+    return init
+
+
+def sharded_steps(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                  mesh: Mesh, shardings: Any) -> tuple[Callable, Callable]:
+    """The jitted train step (state donated) and eval step. Pinning the state's shardings on
+    both sides keeps every step's output laid out like its input, so donation reuses buffers
+    and nothing is silently gathered; metrics come back replicated (readable on every host)."""
+    data, rep = batch_sharding(mesh), replicated(mesh)
+    step_fn = make_train_step(cfg, graphdef, tx, lr_schedule)
+    train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, data), out_shardings=(shardings, rep))
+    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
+    return train_step, eval_step
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Global batch arrays from this process's rows (the pipeline's shard `process_index` of
+    `process_count`): each process contributes only its own slice, which must be the rows its
+    devices hold under `sharding` (true for meshes built from jax.devices(), process-major)."""
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
+    return out
 
 
 def _mean_metrics(window: list[dict]) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""Two JAX processes on localhost (4 CPU devices each, gloo collectives) train together and
+produce the same losses as one process with 8 devices; each loads only its half of the batch.
+
+Run as a script (`python tests/test_multiprocess.py PROCESS_ID PORT OUT`) it is one worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 3
+OVERRIDES = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
+             "model.hidden_dim=64", "data.seq_len=32", "data.batch_size=8", "optim.warmup_steps=1",
+             "train.steps=10", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=1"]
+
+
+def train_losses() -> dict:
+    """3 steps of the Trainer's sharded init / step on the embedded corpus, this process's rows only."""
+    import jax
+    from flax import nnx
+
+    from mixtral_jax.config import load_config
+    from mixtral_jax.data.pipeline import make_train_iterator
+    from mixtral_jax.data.tokenizer import load_or_train_tokenizer
+    from mixtral_jax.models.transformer import Transformer
+    from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
+    from mixtral_jax.parallel.rules import state_shardings
+    from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
+    from mixtral_jax.training.trainer import global_batch, make_init_fn, sharded_steps
+
+    cfg = load_config(str(ROOT / "configs/quickstart.yaml"), OVERRIDES)
+    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)
+    data = make_train_iterator(cfg.data, tokenizer, seed=cfg.run.seed,
+                               shard_index=jax.process_index(), shard_count=jax.process_count())
+    mesh = make_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    init = make_init_fn(cfg, tx)
+    shardings = state_shardings(jax.eval_shape(init), mesh)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+    train_step, _ = sharded_steps(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, cfg.train.steps), mesh,
+                                  shardings)
+    state = jax.jit(init, out_shardings=shardings)()
+    losses, local_rows = [], []
+    for _ in range(STEPS):
+        local = next(data)
+        local_rows.append(int(local["inputs"].shape[0]))
+        state, metrics = train_step(state, global_batch(local, batch_sharding(mesh)))
+        losses.append(float(metrics["loss"]))
+    return {"losses": losses, "local_rows": local_rows, "devices": jax.device_count(),
+            "local_devices": jax.local_device_count(), "processes": jax.process_count()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, corpus_cache):
+    reference = train_losses()  # this pytest process: 1 process x 8 devices (conftest)
+    assert reference["devices"] == 8 and reference["local_rows"] == [8] * STEPS
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / f"out{i}.json")],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+    logs = []
+    try:
+        for w in workers:
+            logs.append(w.communicate(timeout=400)[0])
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    for i, w in enumerate(workers):
+        assert w.returncode == 0, f"worker {i} failed:\n{logs[i][-3000:]}"
+    for i in range(2):
+        result = json.loads((tmp_path / f"out{i}.json").read_text())
+        assert result["processes"] == 2 and result["devices"] == 8 and result["local_devices"] == 4
+        assert result["local_rows"] == [4] * STEPS  # each host loaded only its half of the batch
+        assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+
+
+if __name__ == "__main__":
+    process_id, port, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    os.environ.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=process_id)
+    from mixtral_jax.parallel.mesh import initialize_distributed
+
+    assert initialize_distributed()
+    Path(out).write_text(json.dumps(train_losses()))
