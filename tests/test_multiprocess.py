@@ -25,29 +25,21 @@ OVERRIDES = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_
 def train_losses() -> dict:
     """3 steps of the Trainer's sharded init / step on the embedded corpus, this process's rows only."""
     import jax
-    from flax import nnx
 
     from mixtral_jax.config import load_config
     from mixtral_jax.data.pipeline import make_train_iterator
     from mixtral_jax.data.tokenizer import load_or_train_tokenizer
-    from mixtral_jax.models.transformer import Transformer
     from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
-    from mixtral_jax.parallel.rules import state_shardings
-    from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
-    from mixtral_jax.training.trainer import global_batch, make_init_fn, sharded_steps
+    from mixtral_jax.training.trainer import build_program, global_batch
 
     cfg = load_config(str(ROOT / "configs/quickstart.yaml"), OVERRIDES)
     tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)
     data = make_train_iterator(cfg.data, tokenizer, seed=cfg.run.seed,
                                shard_index=jax.process_index(), shard_count=jax.process_count())
     mesh = make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init = make_init_fn(cfg, tx)
-    shardings = state_shardings(jax.eval_shape(init), mesh)
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
-    train_step, _ = sharded_steps(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, cfg.train.steps), mesh,
-                                  shardings)
-    state = jax.jit(init, out_shardings=shardings)()
+    program = build_program(cfg, mesh)
+    train_step = program.train_step
+    state = program.init_state()
     losses, local_rows = [], []
     for _ in range(STEPS):
         local = next(data)

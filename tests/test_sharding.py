@@ -7,15 +7,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mixtral_jax.config import ConfigError, MeshConfig, load_config
-from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import MESH_AXES, batch_sharding, make_mesh, mesh_shape
-from mixtral_jax.parallel.rules import LOGICAL_AXIS_RULES, logical_to_spec, state_shardings
-from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
-from mixtral_jax.training.trainer import global_batch, make_init_fn, sharded_steps
+from mixtral_jax.parallel.rules import LOGICAL_AXIS_RULES, logical_to_spec
+from mixtral_jax.training.trainer import build_program, global_batch
 
 TINY = ["model.vocab_size=256", "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.head_dim=8", "model.hidden_dim=64", "model.sliding_window=null", "model.max_seq_len=64",
@@ -49,13 +46,9 @@ def _batches(cfg, n: int) -> list[dict[str, np.ndarray]]:
 
 def _train(cfg, mesh: Mesh, steps: int = STEPS) -> tuple[list[dict], dict]:
     """The Trainer's own sharded init and jitted step on `mesh`, over fixed random batches."""
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init = make_init_fn(cfg, tx)
-    shardings = state_shardings(jax.eval_shape(init), mesh)
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
-    train_step, _ = sharded_steps(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, cfg.train.steps), mesh,
-                                  shardings)
-    state = jax.jit(init, out_shardings=shardings)()
+    program = build_program(cfg, mesh)
+    train_step = program.train_step
+    state = program.init_state()
     history = []
     for batch in _batches(cfg, steps):
         state, metrics = train_step(state, global_batch(batch, batch_sharding(mesh)))
@@ -107,9 +100,7 @@ def test_sharded_steps_match_single_device(model, sizes):
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
     cfg = _cfg("moe_dropless")
     mesh = _mesh(dict(fsdp=2, tensor=2, expert=2))
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    init = make_init_fn(cfg, tx)
-    state = jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init), mesh))()
+    state = build_program(cfg, mesh).init_state()
     w_up = state["params"]["blocks"]["ffn"]["w_up"][...]  # [layers, expert, embed, mlp]
     assert tuple(w_up.sharding.spec) == (None, "expert", "fsdp", "tensor")
     assert w_up.addressable_shards[0].data.shape == (2, 4, 16, 32)  # an 8th of it per device

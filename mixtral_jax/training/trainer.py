@@ -7,7 +7,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,15 +46,11 @@ class Trainer:
                 f"config key 'data.batch_size': {cfg.data.batch_size} must be divisible by the data-parallel "
                 f"devices ({batch_divisor(self.mesh)}) x optim.grad_accum ({cfg.optim.grad_accum})")
         self.tokenizer = self._tokenizer()
-        self.graphdef = self._graphdef()
-        self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-        self.lr_schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        self.init_fn = make_init_fn(cfg, self.tx)
-        self.abstract_state = jax.eval_shape(self.init_fn)
-        self.state_shardings = state_shardings(self.abstract_state, self.mesh)
-        self.train_step, self.eval_step = sharded_steps(cfg, self.graphdef, self.tx, self.lr_schedule, self.mesh,
-                                                        self.state_shardings)
+        program = build_program(cfg, self.mesh)
+        self.abstract_state, self.state_shardings = program.abstract_state, program.state_shardings
+        self.train_step, self.eval_step = program.train_step, program.eval_step
+        self.init_state = program.init_state
 
     # ------------------------------------------------------------------ setup
 
@@ -65,14 +61,9 @@ class Trainer:
             shutil.copyfile(tok.path, target)
         return tok
 
-    def _graphdef(self) -> nnx.GraphDef:
-        model = nnx.eval_shape(lambda: Transformer(self.cfg.model, rngs=nnx.Rngs(0)))
-        graphdef, _, _ = nnx.split(model, nnx.Param, ...)
-        return graphdef
-
     def _fresh_state(self) -> dict:
         # Each device computes only its own shards: no full copy of the model on one device.
-        state = jax.jit(self.init_fn, out_shardings=self.state_shardings)()
+        state = self.init_state()
         if self.cfg.train.init_from:
             state.update(self._load_init_weights(state))
         return state
@@ -234,6 +225,32 @@ def sharded_steps(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransfo
     train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, data), out_shardings=(shardings, rep))
     eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
     return train_step, eval_step
+
+
+@dataclass(frozen=True)
+class Program:
+    """Everything compiled for one config on one mesh: the sharded state layout and steps."""
+
+    abstract_state: Any
+    state_shardings: Any
+    init_state: Callable[[], TrainState]  # builds the fresh state already sharded
+    train_step: Callable
+    eval_step: Callable
+
+
+def build_program(cfg: Config, mesh: Mesh) -> Program:
+    """The one place a config and a mesh become a sharded init and jitted steps (the Trainer
+    and the sharding / multi-process tests all use it)."""
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    init_fn = make_init_fn(cfg, tx)
+    abstract = jax.eval_shape(init_fn)
+    shardings = state_shardings(abstract, mesh)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+    train_step, eval_step = sharded_steps(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, cfg.train.steps),
+                                          mesh, shardings)
+    # Each device computes only its own shards: no full copy of the model on one device.
+    init_state = jax.jit(init_fn, out_shardings=shardings)
+    return Program(abstract, shardings, init_state, train_step, eval_step)
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
