@@ -70,21 +70,17 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         rng, step_key = jax.random.split(state["rng"])
         micro["key"] = jax.random.split(step_key, accum)
 
-        # NNX variables may only be used at the trace level that made them, so the model state
-        # travels through the scan carry and eval_shape arguments instead of closures.
         def accumulate(carry, mb):
-            grads, ce_sum, aux_sum, ms = carry
-            (_, (ce, _, aux)), g = grad_fn(params, ms, mb, total_tokens, mb["key"])
+            grads, ce_sum, aux_sum = carry
+            (_, (ce, _, aux)), g = grad_fn(params, model_state, mb, total_tokens, mb["key"])
             aux_sum = jax.tree.map(lambda a, b: a + b / accum, aux_sum, aux)
-            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, aux_sum, ms), None
+            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, aux_sum), None
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
         first_mb = jax.tree.map(lambda x: x[0], micro)
-        aux_shape = jax.eval_shape(lambda p, ms, mb: grad_fn(p, ms, mb, total_tokens, mb["key"])[0][1][2],
-                                   params, model_state, first_mb)
+        aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, first_mb, total_tokens, first_mb["key"])[0][1][2])
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-        init = (zero_grads, jnp.float32(0.0), zero_aux, model_state)
-        (grads, ce_sum, aux, model_state), _ = jax.lax.scan(accumulate, init, micro)
+        (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zero_grads, jnp.float32(0.0), zero_aux), micro)
 
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
