@@ -20,6 +20,8 @@ TINY = ["model.vocab_size=256", "model.dim=32", "model.n_layers=2", "model.n_hea
 MODELS = {
     "dense": ["model.moe.num_experts=0"],
     "moe_dropless": ["model.moe.dispatch=dropless"],
+    "moe_capacity": ["model.moe.dispatch=capacity", "model.moe.capacity_factor=1.0"],
+    "moe_dense": ["model.moe.dispatch=dense"],
 }
 MESHES = [dict(data=8), dict(fsdp=4, expert=2), dict(data=2, expert=4), dict(expert=8),
           dict(fsdp=2, tensor=2, expert=2)]
@@ -77,16 +79,20 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
             np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-7, err_msg=f"step {step + 1} {key}")
 
 
-# dense and dropless MoE on every mesh (capacity dispatch also matches; left out to keep the
-# file near three minutes on two cores)
-CASES = [(m, s) for m in MODELS for s in MESHES]
+# Every mesh for the dense model and the two expert-parallel dispatchers (dropless, capacity);
+# the MoE's `dense` dispatch runs no exchange of its own (plain SPMD, like the dense model), so
+# two meshes cover it and keep the file near four minutes on two cores.
+CASES = [(m, s) for m in MODELS for s in MESHES if m != "moe_dense" or s in (MESHES[0], MESHES[4])]
 
 
 @pytest.mark.parametrize("model,sizes", CASES,
                          ids=[f"{m}-" + ",".join(f"{k}={v}" for k, v in s.items()) for m, s in CASES])
 def test_sharded_steps_match_single_device(model, sizes):
     got, state = _train(_cfg(model), _mesh(sizes))
-    _assert_same(got, _single_device(model))
+    want = _single_device(model)
+    _assert_same(got, want)
+    if model == "moe_capacity":  # capacity factor 1.0 drops slots, so the drop path is compared too
+        assert min(float(w["moe/dropped_fraction"]) for w in want) > 0
     assert {"loss", "lm_loss", "aux_loss", "z_loss"} <= set(got[0])
     if model != "dense":
         assert "moe/expert_load" in got[0] and "moe/router_entropy" in got[0]

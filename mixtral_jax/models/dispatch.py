@@ -9,6 +9,8 @@ the weighted combination is accumulated in float32.
 - `dense`: every expert on every token, combined with the [N, E] matrix: the reference (any router).
 - `capacity`: GShard fixed capacity per expert, overflow dropped by router score (`capacity_size`).
 - `dropless`: sort by expert, grouped matmuls; nothing dropped (`grouped.slot_swiglu`).
+`capacity` and `dropless` run expert-parallel (all-to-all under shard_map,
+`parallel/expert_parallel.py`) when traced under a mesh whose `expert` axis is > 1.
 - `expert_choice_dispatch`: for the expert-choice router, whose [E, C] table is already the layout.
 `DISPATCHERS` maps `model.moe.dispatch` to a builder `(MoEConfig) -> dispatcher`.
 """
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from mixtral_jax.config import MoEConfig
 from mixtral_jax.models.grouped import slot_swiglu, take_rows
 from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice
+from mixtral_jax.parallel.expert_parallel import active_expert_mesh, expert_parallel_swiglu
 
 
 class Experts(NamedTuple):
@@ -71,6 +74,20 @@ def capacity_size(num_tokens: int, top_k: int, num_experts: int, capacity_factor
     return max(1, min(num_tokens, math.ceil(round(raw, 9))))
 
 
+def _capacity_priority(routing: TokenChoice, num_experts: int):
+    """Slots sorted into per-expert queues by priority: (sorted expert ids, order: sorted position
+    -> flat slot, rank of each sorted slot within its expert's queue)."""
+    n, k = routing.expert_ids.shape
+    flat_ids = routing.expert_ids.reshape(-1)
+    slots = jnp.arange(n * k, dtype=jnp.int32)
+    # Priority order: by expert, then weight descending, then slot index (= token-major position).
+    sorted_ids, _, order = jax.lax.sort(
+        (flat_ids, -jax.lax.stop_gradient(routing.weights.reshape(-1)), slots), num_keys=3)
+    counts = jnp.bincount(flat_ids, length=num_experts)
+    starts = jnp.cumsum(counts) - counts
+    return sorted_ids, order, slots - starts[sorted_ids]
+
+
 def capacity(
     x: jax.Array, routing: TokenChoice, experts: Experts, *, capacity_factor: float
 ) -> tuple[jax.Array, jax.Array]:
@@ -81,19 +98,21 @@ def capacity(
     nothing: a token losing all its slots passes through the residual unchanged, one losing one of
     two keeps the other's weighted output, not renormalised. Returns the fraction of the N * k
     slots dropped. Cost: one sort of N * k keys, row gathers in and out, batched [E, C, D] matmuls.
+    Under a mesh with an expert axis the same keep decision (taken over the global batch) feeds
+    the expert-parallel exchange.
     """
     n, k = routing.expert_ids.shape
     num_experts = experts.w_gate.shape[0]
     cap = capacity_size(n, k, num_experts, capacity_factor)
-    flat_ids = routing.expert_ids.reshape(-1)
-    flat_w = routing.weights.reshape(-1)
-    slots = jnp.arange(n * k, dtype=jnp.int32)
-    # Priority order: by expert, then weight descending, then slot index (= token-major position).
-    sorted_ids, _, order = jax.lax.sort((flat_ids, -jax.lax.stop_gradient(flat_w), slots), num_keys=3)
-    counts = jnp.bincount(flat_ids, length=num_experts)
-    starts = jnp.cumsum(counts) - counts
-    rank = slots - starts[sorted_ids]  # position of each sorted slot within its expert's queue
+    sorted_ids, order, rank = _capacity_priority(routing, num_experts)
     kept = rank < cap
+    dropped = ((n * k - jnp.sum(kept)) / (n * k)).astype(jnp.float32)  # integer count first: exact 0
+    mesh = active_expert_mesh(n, num_experts)
+    if mesh is not None:
+        keep = jnp.zeros((n * k,), bool).at[order].set(kept, unique_indices=True).reshape(n, k)
+        y = expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts,
+                                   max_rows_per_expert=cap)
+        return y, dropped
     dest = jnp.where(kept, sorted_ids * cap + rank, num_experts * cap)  # out of range = dropped
     slot_dest = jnp.zeros_like(dest).at[order].set(dest, unique_indices=True)  # per flat slot
     # table: for each of the E*C places, which flat slot fills it (n*k = empty)
@@ -103,8 +122,7 @@ def capacity(
     out = batched_swiglu(xs, experts).reshape(num_experts * cap, -1)
     per_slot = take_rows(out, slot_dest).reshape(n, k, -1)  # dropped slots read zeros
     y = _combine(per_slot, routing.weights)
-    dropped = (n * k - jnp.sum(kept)) / (n * k)  # integer count first: exactly 0 when none dropped
-    return y.astype(x.dtype), dropped.astype(jnp.float32)
+    return y.astype(x.dtype), dropped
 
 
 def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.Array, jax.Array]:
@@ -113,6 +131,11 @@ def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.
     Work is proportional to N * k (no expert sees a token not routed to it) and no token is ever
     dropped, whatever the imbalance: group sizes are data-dependent but the total is static.
     """
+    mesh = active_expert_mesh(*x.shape[:1], experts.w_gate.shape[0])
+    if mesh is not None:
+        keep = jnp.ones(routing.expert_ids.shape, bool)
+        return expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts), \
+            jnp.asarray(_ZERO, jnp.float32)
     y = _combine(slot_swiglu(x, routing.expert_ids, *experts), routing.weights)
     return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
 

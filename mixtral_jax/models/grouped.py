@@ -70,7 +70,8 @@ def _forward(xp, block_expert, n_used, w_gate, w_up, w_down, keep_activations: b
         return out, gates, ups
 
     act_shape = (num_blocks, b, hidden) if keep_activations else (0,)
-    init = (jnp.zeros_like(xp), jnp.zeros(act_shape, xp.dtype), jnp.zeros(act_shape, xp.dtype))
+    # zeros_like (not zeros) so the carry varies over the same manual axes as xp under shard_map
+    init = (jnp.zeros_like(xp), jnp.zeros_like(xp, shape=act_shape), jnp.zeros_like(xp, shape=act_shape))
     # Dynamic trip count: blocks past n_used are padding and stay zero.
     return jax.lax.fori_loop(0, n_used, body, init)
 
@@ -102,7 +103,7 @@ def _blocked_bwd(res, d_out):
         dx = dx.at[i].set(dgate @ w_gate[e].T + dup @ w_up[e].T)
         return dx, dwg, dwu, dwd
 
-    zeros32 = lambda w: jnp.zeros(w.shape, f32)
+    zeros32 = lambda w: jnp.zeros_like(w, dtype=f32)
     init = (jnp.zeros_like(xp), zeros32(w_gate), zeros32(w_up), zeros32(w_down))
     dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
     return dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)

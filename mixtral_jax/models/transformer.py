@@ -13,8 +13,10 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.models.attention import Attention
 from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
 from mixtral_jax.models.moe import MoEBlock
+from mixtral_jax.parallel.rules import constrain
 
 LAYERS_AXIS = "layers"
+RESIDUAL = ("batch", None, None)  # the residual stream's layout: rows split, model dim whole
 # Metadata transform for nnx.vmap / nnx.scan: the stacked axis of every layer parameter is
 # named "layers" in its logical sharding (added on creation, stripped inside the scan body).
 _LAYER_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
@@ -102,13 +104,14 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         dt = self.dtype
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), RESIDUAL)
 
         # One key per layer, scanned with the blocks (None scans as an empty pytree).
         layer_rngs = None if router_rng is None else jax.random.split(router_rng, self.n_layers)
 
         def layer(block: Block, x: jax.Array, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
-            return block(x, pos, seg, rng)
+            x, stats = block(x, pos, seg, rng)
+            return constrain(x, RESIDUAL), stats
 
         if self.remat != "none":
             # Checkpoint each layer inside the scan; prevent_cse is unnecessary under scan.
@@ -126,6 +129,7 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
         else:
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", None, "vocab"))
 
         aux = {"aux_loss": jnp.mean(stats["aux_loss"]), "z_loss": jnp.mean(stats["z_loss"])}
         if self.is_moe:

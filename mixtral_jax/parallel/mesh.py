@@ -3,9 +3,10 @@ multi-process (multi-host) start-up from the launcher's environment."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -58,6 +59,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def traced_under(mesh: Mesh, fn: Callable) -> Callable:
+    """fn, tracing its body with `mesh` as the abstract mesh in context, so the model can ask for
+    it (`jax.sharding.get_abstract_mesh()`): the MoE dispatchers switch to expert parallelism and
+    `rules.constrain` pins activation layouts. Outside such a trace both are no-ops."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def batch_divisor(mesh: Mesh) -> int:

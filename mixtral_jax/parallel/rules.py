@@ -66,6 +66,17 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return P(*spec)
 
 
+def constrain(x: jax.Array, names: Sequence[str | None],
+              rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> jax.Array:
+    """Pin an activation's layout by its logical dim names when traced under a mesh
+    (`mesh.traced_under`); a no-op otherwise. Keeps the partitioner from choosing, say, a
+    replicated residual stream after a gather of FSDP-sharded weights."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+
+
 def _logical_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
     meta = var.get_metadata()
     names = meta.get("out_sharding", meta.get("sharding_names"))  # the key was renamed in flax 0.12

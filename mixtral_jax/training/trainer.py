@@ -22,7 +22,7 @@ from mixtral_jax.config import Config, ConfigError, load_config, save_config
 from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_batches, make_train_iterator
 from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mixtral_jax.models.transformer import Transformer, param_counts
-from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated
+from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated, traced_under
 from mixtral_jax.parallel.rules import state_shardings
 from mixtral_jax.training.checkpoint import Checkpointer
 from mixtral_jax.training.meter import RunMeter
@@ -221,9 +221,9 @@ def sharded_steps(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransfo
     both sides keeps every step's output laid out like its input, so donation reuses buffers
     and nothing is silently gathered; metrics come back replicated (readable on every host)."""
     data, rep = batch_sharding(mesh), replicated(mesh)
-    step_fn = make_train_step(cfg, graphdef, tx, lr_schedule)
+    step_fn = traced_under(mesh, make_train_step(cfg, graphdef, tx, lr_schedule))
     train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, data), out_shardings=(shardings, rep))
-    eval_step = jax.jit(make_eval_step(graphdef), out_shardings=rep)
+    eval_step = jax.jit(traced_under(mesh, make_eval_step(graphdef)), out_shardings=rep)
     return train_step, eval_step
 
 
