@@ -9,8 +9,8 @@ the weighted combination is accumulated in float32.
 - `dense`: every expert on every token, combined with the [N, E] matrix: the reference (any router).
 - `capacity`: GShard fixed capacity per expert, overflow dropped by router score (`capacity_size`).
 - `dropless`: sort by expert, grouped matmuls; nothing dropped (`grouped.slot_swiglu`).
-`capacity` and `dropless` run expert-parallel (all-to-all under shard_map,
-`parallel/expert_parallel.py`) when traced under a mesh whose `expert` axis is > 1.
+`capacity` and `dropless` run under shard_map (all-to-all over the `expert` axis,
+`parallel/expert_parallel.py`) when traced under a mesh.
 - `expert_choice_dispatch`: for the expert-choice router, whose [E, C] table is already the layout.
 `DISPATCHERS` maps `model.moe.dispatch` to a builder `(MoEConfig) -> dispatcher`.
 """
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from mixtral_jax.config import MoEConfig
 from mixtral_jax.models.grouped import slot_swiglu, take_rows
 from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice
-from mixtral_jax.parallel.expert_parallel import active_expert_mesh, expert_parallel_swiglu
+from mixtral_jax.parallel.expert_parallel import dispatch_mesh, expert_parallel_swiglu
 
 
 class Experts(NamedTuple):
@@ -98,7 +98,7 @@ def capacity(
     nothing: a token losing all its slots passes through the residual unchanged, one losing one of
     two keeps the other's weighted output, not renormalised. Returns the fraction of the N * k
     slots dropped. Cost: one sort of N * k keys, row gathers in and out, batched [E, C, D] matmuls.
-    Under a mesh with an expert axis the same keep decision (taken over the global batch) feeds
+    Under a mesh the same keep decision (taken over the global batch) feeds
     the expert-parallel exchange.
     """
     n, k = routing.expert_ids.shape
@@ -107,7 +107,7 @@ def capacity(
     sorted_ids, order, rank = _capacity_priority(routing, num_experts)
     kept = rank < cap
     dropped = ((n * k - jnp.sum(kept)) / (n * k)).astype(jnp.float32)  # integer count first: exact 0
-    mesh = active_expert_mesh(n, num_experts)
+    mesh = dispatch_mesh(n, num_experts)
     if mesh is not None:
         keep = jnp.zeros((n * k,), bool).at[order].set(kept, unique_indices=True).reshape(n, k)
         y = expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts,
@@ -131,7 +131,7 @@ def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.
     Work is proportional to N * k (no expert sees a token not routed to it) and no token is ever
     dropped, whatever the imbalance: group sizes are data-dependent but the total is static.
     """
-    mesh = active_expert_mesh(*x.shape[:1], experts.w_gate.shape[0])
+    mesh = dispatch_mesh(*x.shape[:1], experts.w_gate.shape[0])
     if mesh is not None:
         keep = jnp.ones(routing.expert_ids.shape, bool)
         return expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts), \

@@ -1,9 +1,9 @@
 """Expert parallelism: the MoE's expert computation under `shard_map`, tokens exchanged with
 all-to-all over the mesh's `expert` axis so every device runs only its own experts.
 
-Used by the `dropless` and `capacity` dispatchers whenever they are traced under a mesh whose
-`expert` axis is larger than 1 (the train and eval steps enter their mesh while tracing); with no
-mesh, or when the shapes do not split evenly, they run the single-device code unchanged.
+Used by the `dropless` and `capacity` dispatchers whenever they are traced under a mesh (the
+train and eval steps enter their mesh while tracing; with `expert` = 1 the exchange is local);
+with no mesh, or when the shapes do not split evenly, they run the single-device code unchanged.
 
 Only the expert matmuls move into shard_map. Routing, the capacity decision and every router
 statistic (f, P, z-loss, expert load for the loss-free bias, dropped fraction) stay global
@@ -40,12 +40,16 @@ EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 
 
-def active_expert_mesh(num_tokens: int, num_experts: int):
-    """The mesh being traced under when it splits experts and tokens evenly, else None."""
+def dispatch_mesh(num_tokens: int, num_experts: int):
+    """The mesh being traced under when tokens and experts split evenly over it, else None.
+
+    Any mesh, not only one with an expert axis: with `expert` = 1 the exchange is local and
+    each device runs the grouped matmul over its own tokens only, where SPMD partitioning of
+    the global sort would replicate that loop on every device."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) <= 1:
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return None
-    token_split = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    token_split = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if num_experts % mesh.shape[EXPERT_AXIS] or num_tokens % token_split:
         return None
     return mesh
