@@ -39,8 +39,17 @@ def cmd_params(args: argparse.Namespace) -> int:
     from mixtral_jax.models.transformer import param_counts
 
     counts = param_counts(cfg.model)
+    plan = None
+    if args.mesh is not None or args.device is not None:
+        from mixtral_jax.training.memory import format_plan, parse_mesh, plan_memory, usable_bytes
+
+        if args.device is not None:
+            usable_bytes(args.device)  # an unknown device name fails before any work
+        plan = plan_memory(cfg, parse_mesh(args.mesh or ""))
     if args.json:
-        print(json.dumps(counts))
+        memory = {"memory": {**plan.as_dict(), **({"device": args.device, "fits": plan.fits(args.device)}
+                                                   if args.device else {})}} if plan else {}
+        print(json.dumps({**counts, **memory}))
         return 0
     width = max(len(k) for k in counts)
     for name, value in counts.items():
@@ -49,6 +58,9 @@ def cmd_params(args: argparse.Namespace) -> int:
     print("-" * (width + 20))
     print(f"{'total':<{width}}  {counts['total']:>18,}")
     print(f"{'active':<{width}}  {counts['active']:>18,}  (per token)")
+    if plan:
+        print()
+        print(format_plan(plan, args.device))
     return 0
 
 
@@ -112,10 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's train.eval_batches)")
     evaluate.set_defaults(func=cmd_eval)
 
-    params = verbs.add_parser("params", help="total and active parameter counts per component, without allocating")
+    params = verbs.add_parser("params", help="parameter counts per component and, with --mesh, memory per device; "
+                                             "nothing allocated")
     params.add_argument("--config", required=True, help="YAML file or preset name (e.g. mixtral_8x7b)")
     params.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    params.add_argument("--json", action="store_true", help="print one JSON object (keys include total, active)")
+    params.add_argument("--mesh", help="also estimate memory per device on this mesh, e.g. fsdp=8,expert=8 "
+                                       "(axes data, fsdp, expert, tensor; unnamed axes 1)")
+    params.add_argument("--device", help="say whether the estimate fits one of: a100-40gb, a100, h100, h200, b200, "
+                                         "tpu-v4, tpu-v5e, tpu-v5p, trillium")
+    params.add_argument("--json", action="store_true", help="print one JSON object (keys include total, active "
+                                                            "and, with --mesh, memory)")
     params.set_defaults(func=cmd_params)
 
     plan = verbs.add_parser(

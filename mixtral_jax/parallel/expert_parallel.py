@@ -38,6 +38,7 @@ from mixtral_jax.parallel.mesh import BATCH_AXES
 
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
+FSDP_AXIS = "fsdp"
 
 
 def dispatch_mesh(num_tokens: int, num_experts: int):
@@ -53,6 +54,10 @@ def dispatch_mesh(num_tokens: int, num_experts: int):
     if num_experts % mesh.shape[EXPERT_AXIS] or num_tokens % token_split:
         return None
     return mesh
+
+
+def _splits(mesh, axis: str, size: int) -> bool:
+    return mesh.shape.get(axis, 1) > 1 and size % mesh.shape[axis] == 0
 
 
 def _exchange_plan(expert_ids: jax.Array, keep: jax.Array, experts_per_device: int, num_devices: int,
@@ -79,7 +84,7 @@ def _exchange_plan(expert_ids: jax.Array, keep: jax.Array, experts_per_device: i
 
 
 def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_per_device: int,
-                   split_hidden: bool):
+                   split_hidden: bool, split_embed: bool):
     """The shard_map body: one device's tokens out to the expert owners and back."""
     n, k = expert_ids.shape
     num_devices = jax.lax.axis_size(EXPERT_AXIS)
@@ -90,11 +95,15 @@ def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_p
     send = take_rows(x, token_of_row)
     exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
     recv, recv_ids = exchange(send), exchange(local_id)
+    if split_embed:  # FSDP: gather this layer's expert weights; the transpose reduce-scatters the
+        # gradients, so they leave split over fsdp and no device holds a whole unreduced copy
+        w_gate, w_up = (jax.lax.all_gather(w, FSDP_AXIS, axis=1, tiled=True) for w in (w_gate, w_up))
+        w_down = jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True)
     # Make rows and weights vary over the same manual axes (the block loop's carries must), i.e.
     # mark the weights as used per token shard and the rows per hidden shard; the transposes of
     # these casts are the psums that sum weight gradients over tokens and x gradients over hidden.
-    token_axes = tuple(a for a in BATCH_AXES if a in jax.sharding.get_abstract_mesh().axis_names)
-    w_gate, w_up, w_down = (jax.lax.pcast(w, tuple(a for a in token_axes if a != EXPERT_AXIS), to="varying")
+    varying = (EXPERT_AXIS, FSDP_AXIS) if split_embed else (EXPERT_AXIS,)
+    w_gate, w_up, w_down = (jax.lax.pcast(w, tuple(a for a in BATCH_AXES if a not in varying), to="varying")
                             for w in (w_gate, w_up, w_down))
     if split_hidden:
         recv = jax.lax.pcast(recv, (TENSOR_AXIS,), to="varying")
@@ -112,8 +121,8 @@ def expert_parallel_swiglu(mesh, x: jax.Array, expert_ids: jax.Array, weights: j
     """y [N, D] = sum over kept slots of weight * expert(x), experts sharded over `expert`.
 
     x [N, D], expert_ids / weights / keep [N, k] are split over the batch axes; the expert weights
-    enter split over `expert` (and their hidden dim over `tensor` when it divides), gathered over
-    `fsdp` as FSDP does. max_rows_per_expert: a bound on the slots any one expert receives in
+    enter split over `expert` (and their hidden dim over `tensor` when it divides) and are
+    gathered over `fsdp` inside, one layer at a time, as FSDP does. max_rows_per_expert: a bound on the slots any one expert receives in
     total (the capacity), which sizes the send buffer; None = dropless worst case.
     """
     n_local = x.shape[0] // math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
@@ -122,14 +131,18 @@ def expert_parallel_swiglu(mesh, x: jax.Array, expert_ids: jax.Array, weights: j
     rows = n_local * k
     if max_rows_per_expert is not None:
         rows = min(rows, experts_per_device * max_rows_per_expert)
-    tensor = mesh.shape.get(TENSOR_AXIS, 1)
-    split_hidden = tensor > 1 and experts.w_gate.shape[-1] % tensor == 0
+    # The weights enter laid out as the logical axis rules store them (expert, embed -> fsdp,
+    # mlp -> tensor, each only when it divides), so nothing is resharded on the way in.
+    split_hidden = _splits(mesh, TENSOR_AXIS, experts.w_gate.shape[-1])
+    split_embed = _splits(mesh, FSDP_AXIS, experts.w_gate.shape[1])
     hidden = TENSOR_AXIS if split_hidden else None
+    embed = FSDP_AXIS if split_embed else None
     tokens = P(BATCH_AXES)
-    body: Callable = lambda *a: _local_experts(*a, rows_per_device=rows, split_hidden=split_hidden)
+    body: Callable = lambda *a: _local_experts(*a, rows_per_device=rows, split_hidden=split_hidden,
+                                               split_embed=split_embed)
     run = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(tokens, tokens, tokens, tokens, P(EXPERT_AXIS, None, hidden), P(EXPERT_AXIS, None, hidden),
-                  P(EXPERT_AXIS, hidden, None)),
+        in_specs=(tokens, tokens, tokens, tokens, P(EXPERT_AXIS, embed, hidden), P(EXPERT_AXIS, embed, hidden),
+                  P(EXPERT_AXIS, hidden, embed)),
         out_specs=tokens)
     return run(x, expert_ids, weights, keep, experts.w_gate, experts.w_up, experts.w_down)
