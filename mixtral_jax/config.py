@@ -141,10 +141,16 @@ class TrainConfig:
 
 @dataclass
 class MeshConfig:
-    data: int = -1
+    data: int = -1  # within a slice (ICI); -1 = fill the slice's remaining devices
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    # Across slices (DCN) for multi-slice TPU / multi-node runs: each axis is ici x dcn in total;
+    # the product of the dcn_ values must equal the number of slices (processes on GPU clusters).
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    dcn_tensor: int = 1
 
 
 @dataclass
@@ -376,6 +382,8 @@ def validate(cfg: Config) -> None:
         _require(value == -1 or value >= 1, f"mesh.{key}", "must be >= 1, or -1 to fill the remaining devices")
     _require(sum(getattr(cfg.mesh, k) == -1 for k in ("data", "fsdp", "expert", "tensor")) <= 1, "mesh",
              "at most one axis may be -1")
+    for key in ("dcn_data", "dcn_fsdp", "dcn_expert", "dcn_tensor"):
+        _require(getattr(cfg.mesh, key) >= 1, f"mesh.{key}", "must be >= 1 (slices along this axis)")
     _require(cfg.cost.peak_tflops is None or cfg.cost.peak_tflops > 0, "cost.peak_tflops", "must be positive")
     _require(cfg.cost.price_per_device_hour >= 0, "cost.price_per_device_hour", "must be >= 0")
     _choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")

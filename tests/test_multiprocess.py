@@ -1,5 +1,6 @@
 """Two JAX processes on localhost (4 CPU devices each, gloo collectives) train together and
-produce the same losses as one process with 8 devices; each loads only its half of the batch.
+produce the same losses as one process with 8 devices; each loads only its half of the batch, and
+the two processes form a hybrid (multi-slice) mesh with the data axis across them.
 
 Run as a script (`python tests/test_multiprocess.py PROCESS_ID PORT OUT`) it is one worker.
 """
@@ -22,7 +23,12 @@ OVERRIDES = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_
              "train.steps=10", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=1"]
 
 
-def train_losses() -> dict:
+# The workers build a hybrid mesh: each process is one slice (dcn_data=2), fsdp x expert inside it.
+# Same device layout as the reference's data=2 x fsdp=2 x expert=2, so the losses must agree.
+WORKER_MESH = ["mesh.data=1", "mesh.dcn_data=2"]
+
+
+def train_losses(extra: list[str] = ()) -> dict:
     """3 steps of the Trainer's sharded init / step on the embedded corpus, this process's rows only."""
     import jax
 
@@ -32,7 +38,7 @@ def train_losses() -> dict:
     from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
     from mixtral_jax.training.trainer import build_program, global_batch
 
-    cfg = load_config(str(ROOT / "configs/quickstart.yaml"), OVERRIDES)
+    cfg = load_config(str(ROOT / "configs/quickstart.yaml"), [*OVERRIDES, *extra])
     tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)
     data = make_train_iterator(cfg.data, tokenizer, seed=cfg.run.seed,
                                shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -62,7 +68,8 @@ def test_two_processes_match_one(tmp_path, corpus_cache):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT)}
-    workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / f"out{i}.json")],
+    workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / f"out{i}.json"),
+                                 *WORKER_MESH],
                                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(2)]
     logs = []
@@ -88,4 +95,4 @@ if __name__ == "__main__":
     from mixtral_jax.parallel.mesh import initialize_distributed
 
     assert initialize_distributed()
-    Path(out).write_text(json.dumps(train_losses()))
+    Path(out).write_text(json.dumps(train_losses(sys.argv[4:])))

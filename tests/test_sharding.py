@@ -160,3 +160,40 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path, corpus_cache
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+class _FakeTpu:
+    """Stands in for a TPU device of a multi-slice job: only what the hybrid mesh builder reads."""
+
+    platform = device_kind = "cpu"
+
+    def __init__(self, i: int, per_slice: int):
+        self.id, self.slice_index, self.process_index = i, i // per_slice, i // 4
+
+    def __repr__(self) -> str:
+        return f"dev{self.id}/slice{self.slice_index}"
+
+
+def test_multi_slice_mesh_keeps_slices_on_the_dcn_axis():
+    # 2 slices x 8 chips: data crosses slices (dcn_data=2), fsdp=4 x tensor=2 stay inside one.
+    devices = [_FakeTpu(i, 8) for i in range(16)]
+    from mixtral_jax.parallel.mesh import device_grid
+
+    cfg = MeshConfig(data=1, fsdp=4, expert=1, tensor=2, dcn_data=2)
+    grid = device_grid(cfg, devices)
+    assert grid.shape == (2, 4, 1, 2)
+    for d in range(2):  # each data index is exactly one slice
+        assert {dev.slice_index for dev in grid[d].ravel()} == {d}
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, expert=1, tensor=1, dcn_data=2), 16)["data"] == 8
+    with pytest.raises(ConfigError, match="ask for 8 slices but the devices span 2 slice\\(s\\) and 4 process"):
+        device_grid(MeshConfig(data=1, fsdp=2, expert=1, tensor=1, dcn_data=8), devices)
+    with pytest.raises(ConfigError, match="do not split into 3 equal slices"):
+        mesh_shape(MeshConfig(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=3), 16)
+
+
+def test_two_processes_as_slices_on_cpu():
+    """Without slice_index (GPU nodes, CPU), each process is a slice: here one process owns all
+    8 devices, so dcn_data=2 is refused with the reason, and dcn 1 is the plain mesh."""
+    with pytest.raises(ConfigError, match="ask for 2 slices but the devices span 1 slice\\(s\\) and 1 process"):
+        make_mesh(MeshConfig(data=4, fsdp=1, expert=1, tensor=1, dcn_data=2))
+    assert make_mesh(MeshConfig(data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1)).shape["data"] == 8

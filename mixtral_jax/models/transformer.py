@@ -104,7 +104,11 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         dt = self.dtype
-        x = constrain(jnp.take(self.embed[...], tokens, axis=0).astype(dt), RESIDUAL)
+        # Gather the table's fsdp shards first (as FSDP does for every weight): a lookup into a
+        # table split along the model dim yields rows split the same way, which XLA can only
+        # turn into the batch-split residual stream by replicating them.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = constrain(jnp.take(table, tokens, axis=0).astype(dt), RESIDUAL)
 
         # One key per layer, scanned with the blocks (None scans as an empty pytree).
         layer_rngs = None if router_rng is None else jax.random.split(router_rng, self.n_layers)

@@ -1,15 +1,17 @@
-"""Device mesh from config: axes (data, fsdp, expert, tensor), `-1` fills the remaining devices;
-multi-process (multi-host) start-up from the launcher's environment."""
+"""Device mesh from config: axes (data, fsdp, expert, tensor), `-1` fills the remaining devices,
+`dcn_*` multiplies an axis across slices (hybrid ICI x DCN meshes); multi-process (multi-host)
+start-up from the launcher's environment."""
 
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mixtral_jax.config import ConfigError, MeshConfig
@@ -26,30 +28,63 @@ def _describe_devices(devices: Sequence[jax.Device] | None) -> str:
     return f"{shown}{more} in {jax.process_count()} process(es)"
 
 
+def dcn_shape(cfg: MeshConfig) -> dict[str, int]:
+    return {axis: getattr(cfg, f"dcn_{axis}") for axis in MESH_AXES}
+
+
 def mesh_shape(cfg: MeshConfig, num_devices: int, devices: Sequence[jax.Device] | None = None) -> dict[str, int]:
-    """Resolve `-1` and check the product against the devices found."""
+    """Total size of each axis (within-slice size x slices along it), `-1` resolved against
+    the devices of one slice, checked against the devices found."""
+    dcn = dcn_shape(cfg)
+    slices = math.prod(dcn.values())
+    if num_devices % slices:
+        raise ConfigError(f"config key 'mesh': dcn_* axes ask for {slices} slices but {num_devices} devices "
+                          f"({_describe_devices(devices)}) do not split into {slices} equal slices")
+    per_slice = num_devices // slices
     sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
     fixed = math.prod(v for v in sizes.values() if v != -1)
     for axis, value in sizes.items():
         if value == -1:
-            if num_devices % fixed:
+            if per_slice % fixed:
                 raise ConfigError(
-                    f"config key 'mesh.{axis}': cannot fill -1: {num_devices} devices are not divisible by "
-                    f"the other axes' product {fixed}")
-            sizes[axis] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
+                    f"config key 'mesh.{axis}': cannot fill -1: {per_slice} devices per slice are not divisible "
+                    f"by the other axes' product {fixed}")
+            sizes[axis] = per_slice // fixed
+    if math.prod(sizes.values()) != per_slice:
         shape = " x ".join(f"{a}={v}" for a, v in sizes.items())
+        where = f" per slice ({slices} slices)" if slices > 1 else ""
         raise ConfigError(
-            f"config key 'mesh': {shape} needs {math.prod(sizes.values())} devices but {num_devices} were found "
-            f"({_describe_devices(devices)}); set one axis to -1 to fill the devices")
-    return sizes
+            f"config key 'mesh': {shape} needs {math.prod(sizes.values())} devices{where} but "
+            f"{per_slice if slices > 1 else num_devices} were found ({_describe_devices(devices)}); "
+            "set one axis to -1 to fill the devices")
+    return {axis: sizes[axis] * dcn[axis] for axis in MESH_AXES}
+
+
+def device_grid(cfg: MeshConfig, devices: Sequence[Any]) -> np.ndarray:
+    """Devices arranged [data, fsdp, expert, tensor]. With dcn_* axes, a hybrid mesh: each slice
+    (TPU `slice_index`; each process where slices do not match, as on GPU nodes) is one block, so only the dcn part of an axis crosses
+    the slow network and everything else stays on ICI / NVLink."""
+    devices = list(devices)
+    total = mesh_shape(cfg, len(devices), devices)
+    dcn = dcn_shape(cfg)
+    if math.prod(dcn.values()) == 1:
+        return np.asarray(devices).reshape(tuple(total[a] for a in MESH_AXES))
+    ici = tuple(total[a] // dcn[a] for a in MESH_AXES)
+    wanted = math.prod(dcn.values())
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    processes = {d.process_index for d in devices}
+    if len(slices) != wanted and len(processes) != wanted:
+        raise ConfigError(f"config key 'mesh': the dcn_* axes ask for {wanted} slices but the devices span "
+                          f"{len(slices)} slice(s) and {len(processes)} process(es)")
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in MESH_AXES), devices,
+                                                    process_is_granule=len(slices) != wanted)
+    except ValueError as err:
+        raise ConfigError(f"config key 'mesh': cannot lay the slices out as asked: {err}") from None
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_shape(cfg, len(devices), devices)
-    grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
-    return Mesh(grid, MESH_AXES)
+    return Mesh(device_grid(cfg, devices if devices is not None else jax.devices()), MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
