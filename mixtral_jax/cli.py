@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -106,6 +107,28 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from mixtral_jax.experiments import EXPERIMENTS, run_experiment
+
+    if args.name not in EXPERIMENTS:
+        close = difflib.get_close_matches(args.name, list(EXPERIMENTS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown experiment '{args.name}'{hint}; one of {', '.join(EXPERIMENTS)}")
+    out = Path(args.out or Path("runs") / (args.name + ("_smoke" if args.smoke else "")))
+    if args.full and args.name != "router_ablation":
+        raise ConfigError("--full applies to router_ablation only (its whole 128-point grid)")
+    if args.full and args.smoke:
+        raise ConfigError("--full and --smoke exclude each other")
+    if args.run and args.name != "routing_analysis":
+        raise ConfigError("--run applies to routing_analysis only (the MoE run to analyse)")
+    extra = {"full": True} if args.full else {}
+    if args.run:
+        extra["run_dir"] = args.run
+    report = run_experiment(args.name, out, smoke=args.smoke, overrides=args.overrides, **extra)
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixtral-jax",
@@ -154,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "at model.max_seq_len)")
     plan.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     plan.set_defaults(func=cmd_cost)
+    from mixtral_jax.experiments import EXPERIMENTS
+
+    experiment = verbs.add_parser(
+        "experiment", help="run one study end to end and write its report.md with plots",
+        description="Experiments: " + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()) + ". Finished runs "
+                    "under --out are reused, so an interrupted experiment resumes.")
+    experiment.add_argument("name", metavar="NAME", help=", ".join(EXPERIMENTS))
+    experiment.add_argument("--out", help="folder for the runs and report (default runs/NAME)")
+    experiment.add_argument("--smoke", action="store_true", help="tiny runs (seconds each): checks the whole "
+                                                                 "pipeline, not the science")
+    experiment.add_argument("--full", action="store_true", help="router_ablation: the whole grid (128 runs, for a "
+                                                                "GPU) instead of one factor at a time")
+    experiment.add_argument("--run", help="routing_analysis: analyse this trained MoE run dir instead of training one")
+    experiment.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    experiment.set_defaults(func=cmd_experiment)
     return parser
 
 

@@ -19,6 +19,7 @@ from mixtral_jax.models.routing import (
     AUX_SCOPES,
     ROUTERS,
     RouterBias,
+    TokenChoice,
     jitter,
     load_balancing_loss,
     router_stats,
@@ -63,6 +64,7 @@ class MoEBlock(nnx.Module):
             self.dispatch = DISPATCHERS[moe.dispatch](moe)
         self.aux_groups = AUX_SCOPES[moe.aux_loss_scope]
         self.num_experts = moe.num_experts
+        self.top_k = moe.top_k
         self.jitter = moe.jitter
         self.dtype = as_dtype(cfg.dtype)
         self.router_dtype = as_dtype(moe.router_dtype)
@@ -77,9 +79,11 @@ class MoEBlock(nnx.Module):
         self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32)) if moe.bias_update_rate > 0 else None
 
     def __call__(
-        self, x: jax.Array, router_rng: jax.Array | None = None
+        self, x: jax.Array, router_rng: jax.Array | None = None, capture_routing: bool = False
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """router_rng: key for router jitter (training); None (eval) = no noise."""
+        """router_rng: key for router jitter (training); None (eval) = no noise.
+        capture_routing: also return `top_experts` [B, T, k], each token's chosen experts in
+        score order (for expert choice, its k highest-probability experts), for analysis."""
         b, t, d = x.shape
         n = b * t
         tokens = x.reshape(n, d)
@@ -104,6 +108,9 @@ class MoEBlock(nnx.Module):
             **router_stats(probs, assigned),
             "dropped_fraction": dropped,
         }
+        if capture_routing:
+            ids = routing.expert_ids if isinstance(routing, TokenChoice) else jax.lax.top_k(probs, self.top_k)[1]
+            stats["top_experts"] = ids.reshape(b, t, -1)
         return y.reshape(b, t, d), stats
 
 

@@ -43,11 +43,12 @@ class Block(nnx.Module):
             self.ffn = MLP(cfg.dim, cfg.hidden_dim, dtype=cfg.dtype, param_dtype=pdt, out_std=out_std, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, router_rng: jax.Array | None = None
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, router_rng: jax.Array | None = None,
+        capture_routing: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
         if self.is_moe:
-            y, stats = self.ffn(self.ffn_norm(x), router_rng)
+            y, stats = self.ffn(self.ffn_norm(x), router_rng, capture_routing)
         else:
             y = self.ffn(self.ffn_norm(x))
             zero = jnp.zeros((), jnp.float32)
@@ -95,9 +96,11 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         router_rng: jax.Array | None = None,
+        capture_routing: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """router_rng: a key for MoE router jitter (training, fresh per step), split per layer;
-        None (eval, generation) = no noise."""
+        None (eval, generation) = no noise. capture_routing (MoE): aux also holds `top_experts`
+        [n_layers, B, T, k], every layer's expert choice per token."""
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -114,7 +117,7 @@ class Transformer(nnx.Module):
         layer_rngs = None if router_rng is None else jax.random.split(router_rng, self.n_layers)
 
         def layer(block: Block, x: jax.Array, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
-            x, stats = block(x, pos, seg, rng)
+            x, stats = block(x, pos, seg, rng, capture_routing)
             return constrain(x, RESIDUAL), stats
 
         if self.remat != "none":
@@ -140,6 +143,8 @@ class Transformer(nnx.Module):
             aux["expert_load"] = stats["expert_load"]
             aux["router_entropy"] = jnp.mean(stats["router_entropy"])
             aux["dropped_fraction"] = jnp.mean(stats["dropped_fraction"])
+            if capture_routing:
+                aux["top_experts"] = stats["top_experts"]
         return logits.astype(jnp.float32), aux
 
 

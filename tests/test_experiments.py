@@ -1,0 +1,101 @@
+"""Experiments: the routing statistics on hand-made inputs, and each experiment end to end at
+smoke size, with the report's figures traced back to the runs' own metrics files."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mixtral_jax.experiments.routing_stats import (
+    IDENTIFIER,
+    KEYWORD,
+    PUNCTUATION,
+    STRING,
+    WHITESPACE,
+    chance_rates,
+    char_categories,
+    consecutive_rates,
+    token_categories,
+)
+
+
+def test_consecutive_rates_and_chance_on_a_hand_made_sequence():
+    # top-2 ids per token; pairs: ({0,1},{0,2}) same top-1, overlap; ({0,2},{3,1}) neither;
+    # ({3,1},{3,4}) same top-1, overlap. A second sequence adds no pairs across the boundary.
+    seq = np.array([[0, 1], [0, 2], [3, 1], [3, 4]])
+    assert consecutive_rates([seq]) == pytest.approx((2 / 3, 2 / 3))
+    assert consecutive_rates([seq, np.array([[5, 6]])]) == pytest.approx((2 / 3, 2 / 3))
+    # marginals: top-1 is 0 or 3, half each -> 0.5; four equally likely sets, of the 16 ordered
+    # pairs 4 are a set with itself and 6 are {0,1}-{0,2}, {0,1}-{1,3}, {1,3}-{3,4} both ways -> 10/16
+    assert chance_rates([seq]) == pytest.approx((0.5, 10 / 16))
+
+
+def test_token_kinds_from_python_tokenize():
+    source = "def f(x):\n    return 'a'  # note\n"
+    cats = char_categories(source)
+    assert cats[source.index("def")] == KEYWORD and cats[source.index("f(")] == IDENTIFIER
+    assert cats[source.index("(")] == PUNCTUATION and cats[source.index("'a'")] == STRING
+    assert cats[source.index("# note")] == STRING and cats[source.index("    return")] == WHITESPACE
+    spans = [(0, 3), (3, 5), (5, 6), (9, 14), (14, 20)]  # "def", " f", "(", "\n    ", "return"
+    assert token_categories(spans, cats, source) == [KEYWORD, IDENTIFIER, PUNCTUATION, WHITESPACE, KEYWORD]
+    assert char_categories("def broken(:\n  'unterminated") is None
+
+
+def _cell(report: str, row_label: str, column: str) -> str:
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    headers = [h.strip() for h in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == row_label:
+            return cells[headers.index(column)]
+    raise AssertionError(f"no row {row_label}")
+
+
+def test_dense_vs_moe_smoke(tmp_path, corpus_cache):
+    from mixtral_jax.cli import main
+
+    assert main(["experiment", "dense_vs_moe", "--smoke", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+    for model, label in (("moe", "(b) 8 experts top-2"), ("dense", "(a) dense")):
+        losses = [json.loads((tmp_path / f"{model}_seed{s}" / "summary.json").read_text())["eval_loss"] for s in (0, 1)]
+        mean, spread = np.mean(losses), (max(losses) - min(losses)) / 2
+        assert _cell(report, label, "held-out loss") == f"{mean:.4f} ± {spread:.4f}"
+    summary = json.loads((tmp_path / "moe_seed0" / "summary.json").read_text())
+    assert _cell(report, "(b) 8 experts top-2", "params active") == f"{summary['params_active']:,}"
+    assert "mixtral_8x7b | 46,702,792,704 | 12,879,925,248" in report
+
+
+def test_router_ablation_smoke(tmp_path, corpus_cache):
+    from mixtral_jax.experiments import run_experiment
+    from mixtral_jax.training.metrics import read_metrics
+
+    report = run_experiment("router_ablation", tmp_path, smoke=True).read_text()
+    for png in ("load_heatmaps.png", "loss_vs_imbalance.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    for point in ("aux0", "capacity1.0"):
+        records = [r["moe/load_max_over_mean"] for r in read_metrics(tmp_path / point) if "moe/load_max_over_mean" in r]
+        assert _cell(report, point, "load max/mean") == f"{np.mean(records[-5:]):.4g}"
+    dropped = [r["moe/dropped_fraction"] for r in read_metrics(tmp_path / "capacity1.0") if "moe/dropped_fraction" in r]
+    assert float(_cell(report, "capacity1.0", "dropped fraction")) == pytest.approx(np.mean(dropped[-5:]), rel=1e-3)
+    assert float(_cell(report, "expert_choice", "load max/mean")) == pytest.approx(1.0)
+    assert re.search(r"imbalance is (NOT )?higher without the loss", report)
+
+
+def test_routing_analysis_smoke(tmp_path, corpus_cache):
+    from mixtral_jax.experiments import run_experiment
+
+    report = run_experiment("routing_analysis", tmp_path, smoke=True).read_text()
+    for png in ("experts_by_token_kind.png", "consecutive_tokens.png", "snippet_by_expert.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    assert "| identifier |" in report and "| layer | same top-1 | chance |" in report
+
+
+def test_unknown_experiment_names_the_closest(capsys):
+    from mixtral_jax.cli import main
+
+    assert main(["experiment", "dense_vs_mo"]) == 2
+    assert "did you mean 'dense_vs_moe'" in capsys.readouterr().err
