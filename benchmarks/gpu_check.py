@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from mixtral_jax.config import Config, DataConfig, MoEConfig, ModelConfig, OptimConfig, validate
 from mixtral_jax.models.transformer import Transformer, param_counts
+from mixtral_jax.parallel.mesh import MESH_AXES, traced_under
 from mixtral_jax.training.cost import detect_hardware, flops_per_token, peak_tflops
 from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
 from mixtral_jax.training.step import make_train_step
@@ -43,8 +45,10 @@ def build(model: dict, moe: MoEConfig, seq_len: int, batch: int) -> Config:
     return cfg
 
 
-def time_train_step(cfg: Config, steps: int) -> dict:
-    """Compile once, then time `steps` steps of the full train step (fwd + bwd + AdamW)."""
+def time_train_step(cfg: Config, steps: int, under_mesh: bool = False) -> dict:
+    """Compile once, then time `steps` steps of the full train step (fwd + bwd + AdamW).
+    under_mesh: trace it under a one-device mesh as the Trainer does, so the MoE dispatch takes
+    its shard_map (expert-parallel) path with a local exchange."""
     tx = make_optimizer(cfg.optim, 1000)
     model = Transformer(cfg.model, rngs=nnx.Rngs(0))
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
@@ -57,7 +61,10 @@ def time_train_step(cfg: Config, steps: int) -> dict:
              "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
              "loss_mask": np.ones((b, t), np.float32)}
     batch = jax.device_put(batch)
-    step = jax.jit(make_train_step(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, 1000)), donate_argnums=0)
+    step_fn = make_train_step(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, 1000))
+    if under_mesh:
+        step_fn = traced_under(Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), MESH_AXES), step_fn)
+    step = jax.jit(step_fn, donate_argnums=0)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -89,22 +96,26 @@ def main() -> None:
     peak, source = peak_tflops(hardware, dtype=trunk["dtype"])
     print(f"device: {jax.devices()[0].device_kind} ({hardware}); peak {peak:g} TFLOP/s ({source}); "
           f"jax {jax.__version__}; seq {seq}, batch {batch}", flush=True)
-    runs = {
-        "dense": build(trunk, MoEConfig(num_experts=0), seq, batch),
-        "moe 8x top-2 (dropless)": build({**trunk, "n_layers": max(trunk["n_layers"] // 2, 1)},
-                                         MoEConfig(num_experts=8, top_k=2, dispatch="dropless"), seq, batch),
+    moe = build({**trunk, "n_layers": max(trunk["n_layers"] // 2, 1)},
+                MoEConfig(num_experts=8, top_k=2, dispatch="dropless"), seq, batch)
+    runs = {  # name -> (config, traced under a mesh)
+        "dense": (build(trunk, MoEConfig(num_experts=0), seq, batch), False),
+        "moe 8x top-2 (dropless)": (moe, False),
+        "moe, under a mesh": (moe, True),
     }
     results = {}
     print(f"{'model':<26} {'layers':>6} {'params':>8} {'active':>8} {'compile s':>9} {'step s':>8} "
           f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
-    for name, cfg in runs.items():
-        r = time_train_step(cfg, steps)
+    for name, (cfg, under_mesh) in runs.items():
+        r = time_train_step(cfg, steps, under_mesh)
         r["mfu"] = r["model_tflops_per_s"] / peak
         results[name] = {**r, "n_layers": cfg.model.n_layers, "model": dataclasses.asdict(cfg.model)}
         print(f"{name:<26} {cfg.model.n_layers:>6} {r['params_total'] / 1e9:>7.2f}B {r['params_active'] / 1e9:>7.2f}B "
               f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
               f"{r['model_tflops_per_s']:>8.1f} {r['mfu']:>6.1%}", flush=True)
         assert np.isfinite(r["loss"]), f"{name}: non-finite loss {r['loss']}"
+    mesh_ratio = results["moe, under a mesh"]["step_s"] / results["moe 8x top-2 (dropless)"]["step_s"]
+    print(f"MoE step time under a one-device mesh (shard_map dispatch) / plain jit: {mesh_ratio:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": jax.devices()[0].device_kind, "peak_tflops": peak, "results": results}, f, indent=2)

@@ -397,3 +397,19 @@ def test_heldout_unigram_entropy_matches_direct_count(synth):
     counts = np.unique(tokens, return_counts=True)[1]
     p = counts / counts.sum()
     assert math.isclose(pipeline.heldout_unigram_entropy(cfg, tok), float(-(p * np.log(p)).sum()))
+
+
+def test_token_spans_cover_the_text(corpus_cache):
+    """encode_with_spans: the ids are encode()'s, and each token's span is the text it stands for."""
+    from mixtral_jax.config import load_config
+    from mixtral_jax.data.tokenizer import load_or_train_tokenizer
+
+    cfg = load_config("configs/quickstart.yaml")
+    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)
+    text = "def f(x):\n    return x + 1  # plus one\n"
+    ids, spans = tokenizer.encode_with_spans(text)
+    assert ids == tokenizer.encode(text)
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a <= b == c for (a, b), (c, _) in zip(spans, spans[1:]))  # contiguous, in order
+    assert "".join(text[a:b] for a, b in spans) == text
+    assert any(text[a:b].strip() == "return" for a, b in spans)

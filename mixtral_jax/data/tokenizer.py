@@ -90,10 +90,14 @@ class Tokenizer:
 
     def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's [start, end) character span in `text` (byte-fallback
-        pieces of one character share that character's span)."""
-        proto = self._sp.encode(text, out_type="immutable_proto")
-        encoded = text.encode("utf-8")
-        # byte offset -> character offset
+        pieces split their character's span)."""
+        try:  # sentencepiece >= 0.2.1: character offsets directly
+            mapping = self._sp.encode(text, return_type="offset_mapping")
+            return list(mapping["ids"]), [tuple(span) for span in mapping["offsets"]]
+        except (TypeError, ValueError):
+            pass
+        proto = self._sp.encode(text, out_type="immutable_proto")  # older releases: byte offsets
+        encoded = text.encode("utf-8", "surrogatepass")
         char_at = np.zeros(len(encoded) + 1, np.int64)
         position = 0
         for index, ch in enumerate(text):
@@ -101,10 +105,9 @@ class Tokenizer:
             char_at[position:position + width] = index
             position += width
         char_at[len(encoded)] = len(text)
-        ids = [p.id for p in proto.pieces]
         spans = [(int(char_at[min(p.begin, len(encoded))]), int(char_at[min(p.end, len(encoded))]))
                  for p in proto.pieces]
-        return ids, spans
+        return [p.id for p in proto.pieces], spans
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

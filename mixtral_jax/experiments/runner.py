@@ -16,7 +16,7 @@ from mixtral_jax.config import Config, load_config
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent.parent / "experiments"
 
 # Shrinks any experiment run to a seconds-long end-to-end check (`--smoke`).
-SMOKE = ["model.n_layers=1", "data.seq_len=32", "data.batch_size=4", "train.steps=4", "train.eval_every=2",
+SMOKE = ["model.n_layers=1", "data.seq_len=32", "data.batch_size=8", "train.steps=4", "train.eval_every=2",
          "train.log_every=1", "train.eval_batches=1", "train.checkpoint_every=4", "optim.warmup_steps=1",
          "logging.progress=false", "logging.wandb=off"]
 
