@@ -33,7 +33,7 @@ from mixtral_jax.experiments.runner import SMOKE, experiment_config, train_run
 
 NAME = "routing_analysis"
 WINDOWS, SMOKE_WINDOWS = 96, 4  # held-out windows of seq_len tokens analysed
-SNIPPET_LINES = 22
+SNIPPET_LINES, SNIPPET_COLUMNS = 24, 88
 
 
 def _documents(cfg, tokenizer, windows: int, seq_len: int):
@@ -117,33 +117,45 @@ def _plot_consecutive(rates: list[dict], out: Path) -> str:
 
 def _plot_snippet(text: str, spans: list[tuple[int, int]], experts: np.ndarray, layers: Sequence[int],
                   num_experts: int, out: Path) -> str:
-    """The window's first SNIPPET_LINES lines, each token's background = its top-1 expert."""
+    """The first SNIPPET_LINES lines the spans cover, each token's background = its top-1 expert.
+
+    experts: [layers, tokens] top-1 ids aligned with spans. Characters are laid out on a grid of
+    monospace cells (width 0.6 em), so the figure is sized from the font, not the other way round."""
     import matplotlib.pyplot as plt
 
+    font, cols = 8, SNIPPET_COLUMNS
+    cell_w, cell_h = 0.6 * font / 72, 1.45 * font / 72  # inches
     start = spans[0][0]
     colors = plt.get_cmap("tab10")
-    fig, axes = report.figure(ncols=len(layers), size=(7.0, 0.28 * SNIPPET_LINES + 1.0))
+    fig, axes = plt.subplots(1, len(layers), squeeze=False, layout="constrained",
+                             figsize=(len(layers) * (cols * cell_w + 0.2), SNIPPET_LINES * cell_h + 0.9))
     for ax, layer in zip(axes[0], layers):
         ax.set_axis_off()
-        ax.set_xlim(0, 80)
-        ax.set_ylim(SNIPPET_LINES + 0.5, -1.0)
-        for (a, b), expert in zip(spans, experts[layer, :, 0]):
+        ax.set_xlim(0, cols)
+        ax.set_ylim(SNIPPET_LINES, -0.5)
+        for (a, b), expert in zip(spans, experts[layer]):
             prefix = text[start:a]
             row, col = prefix.count("\n"), len(prefix) - (prefix.rfind("\n") + 1)
-            piece = text[a:b]
-            for k, part in enumerate(piece.split("\n")):  # tokens spanning lines are drawn per line
+            for k, part in enumerate(text[a:b].split("\n")):  # a token spanning lines: one box per line
                 r, c = row + k, (col if k == 0 else 0)
-                if r >= SNIPPET_LINES or c >= 80 or not part:
+                if r >= SNIPPET_LINES or c >= cols or not part:
                     continue
-                ax.text(c, r, part.replace(" ", "\u00b7"), family="monospace", fontsize=7, va="center",
-                        bbox=dict(boxstyle="square,pad=0.05", facecolor=colors(int(expert) % 10), alpha=0.55,
-                                  linewidth=0))
-                col = 0
-        ax.set_title(f"top-1 expert per token, layer {layer}", fontsize=9)
+                ax.text(c, r + 0.5, part.replace(" ", "\u00b7")[: cols - c], family="monospace", fontsize=font,
+                        va="center", ha="left", bbox=dict(boxstyle="square,pad=0.1", linewidth=0, alpha=0.55,
+                                                          facecolor=colors(int(expert) % 10)))
+        ax.set_title(f"top-1 expert per token, layer {layer} (\u00b7 = space)", fontsize=9)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors(e % 10), alpha=0.55) for e in range(num_experts)]
-    fig.legend(handles, [f"expert {e}" for e in range(num_experts)], loc="lower center", ncol=num_experts,
-               fontsize=7)
+    fig.legend(handles, [f"expert {e}" for e in range(num_experts)], loc="outside lower center",
+               ncol=min(num_experts, 4), fontsize=7)
     return report.save(fig, out / "snippet_by_expert.png")
+
+
+def _snippet(texts: list, experts: np.ndarray) -> tuple[str, list, np.ndarray]:
+    """The first document's consecutive windows joined: (text, spans, top-1 ids [layers, tokens])."""
+    first = texts[0][0]
+    windows = [w for w, (text, _) in enumerate(texts) if text is first]
+    spans = [span for w in windows for span in texts[w][1]]
+    return first, spans, np.concatenate([experts[:, w, :, 0] for w in windows], axis=1)
 
 
 def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), run_dir: str | None = None) -> Path:
@@ -173,7 +185,7 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), run_dir: 
         chance_same, chance_any = chance_rates(seqs)
         rates.append(dict(layer=layer, same_top1=same, chance_top1=chance_same, any_topk=any_k, chance_any=chance_any))
     plots = [_plot_categories(shares, counts, out), _plot_consecutive(rates, out),
-             _plot_snippet(*texts[0], experts[:, 0], sorted({0, layers - 1}), e, out)]
+             _plot_snippet(*_snippet(texts, experts), sorted({0, layers - 1}), e, out)]
     top = [[CATEGORIES[c], f"{counts[c]:,}"] + [
         f"{int(np.nanargmax(shares[l, c]))} ({np.nanmax(shares[l, c]):.2f})" if counts[c] else "n/a"
         for l in range(layers)] for c in range(len(CATEGORIES))]
