@@ -79,10 +79,9 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
             np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-7, err_msg=f"step {step + 1} {key}")
 
 
-# Every mesh for the dense model and the two expert-parallel dispatchers (dropless, capacity);
-# the MoE's `dense` dispatch runs no exchange of its own (plain SPMD, like the dense model), so
-# two meshes cover it and keep the file near four minutes on two cores.
-CASES = [(m, s) for m in MODELS for s in MESHES if m != "moe_dense" or s in (MESHES[0], MESHES[4])]
+# Every mesh for the dense model and the MoE with each dispatch path: `dropless` and `capacity`
+# run expert-parallel (shard_map + all-to-all), `dense` is plain SPMD over the same layout.
+CASES = [(m, s) for m in MODELS for s in MESHES]
 
 
 @pytest.mark.parametrize("model,sizes", CASES,
