@@ -57,6 +57,8 @@ def train_run(config: str | Path, overrides: Sequence[str], out_dir: Path, name:
     if summary is None or summary.get("steps") != cfg.train.steps:
         print(f"[experiment] training {name} ({cfg.train.steps} steps) in {cfg.run_dir}", flush=True)
         summary = Trainer(cfg).fit()
+        if summary.get("stopped_by"):  # Ctrl-C / SIGTERM: the run saved a checkpoint; stop the whole
+            raise KeyboardInterrupt   # experiment (rerunning it resumes this run)
     else:
         print(f"[experiment] reusing finished run {cfg.run_dir}", flush=True)
     return RunResult(name, cfg, summary, read_metrics(cfg.run_dir))

@@ -77,7 +77,7 @@ def constrain(x: jax.Array, names: Sequence[str | None],
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
 
 
-def _logical_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
+def logical_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
     meta = var.get_metadata()
     names = meta.get("out_sharding", meta.get("sharding_names"))  # the key was renamed in flax 0.12
     return tuple(names) if names is not None else None
@@ -90,7 +90,7 @@ def state_shardings(abstract: Any, mesh: Mesh,
 
     def one(node: Any) -> Any:
         if isinstance(node, nnx.Variable):
-            names = _logical_names(node)
+            names = logical_names(node)
             shape = node.get_value().shape
             spec = logical_to_spec(names, shape, mesh, rules) if names and len(names) == len(shape) else P()
             return node.replace(NamedSharding(mesh, spec))

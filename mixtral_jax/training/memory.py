@@ -32,7 +32,7 @@ from mixtral_jax.config import Config, ConfigError, ModelConfig
 from mixtral_jax.models.attention import head_dim_of
 from mixtral_jax.models.dispatch import capacity_size
 from mixtral_jax.parallel.mesh import BATCH_AXES, MESH_AXES
-from mixtral_jax.parallel.rules import _logical_names, logical_to_spec
+from mixtral_jax.parallel.rules import logical_names, logical_to_spec
 
 GIB = 1024**3
 # Memory per device (GiB) as sold; USABLE_FRACTION leaves room for the runtime, XLA's scratch
@@ -106,7 +106,7 @@ def _param_bytes(model_cfg: ModelConfig, mesh: AbstractMesh) -> tuple[int, int]:
     local, gathered_layer, expert_grads = 0, 0, 0
     for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         shape, size = var.shape, math.prod(var.shape)
-        factor = _shard_factor(_logical_names(var), shape, mesh)
+        factor = _shard_factor(logical_names(var), shape, mesh)
         local += size * var.dtype.itemsize // factor
         if str(path[0]) == "blocks":  # stacked [layers, ...]: one layer, unsplit over fsdp
             fsdp = mesh.shape["fsdp"] if factor % mesh.shape["fsdp"] == 0 else 1
@@ -114,7 +114,7 @@ def _param_bytes(model_cfg: ModelConfig, mesh: AbstractMesh) -> tuple[int, int]:
             # replicated over data (or over an fsdp axis that does not split them): their
             # gradients are summed over those token shards from a per-device copy
             unsplit_tokens = mesh.shape["data"] * (mesh.shape["fsdp"] if fsdp == 1 else 1)
-            if "expert" in (_logical_names(var) or ()) and unsplit_tokens > 1:
+            if "expert" in (logical_names(var) or ()) and unsplit_tokens > 1:
                 expert_grads += size * var.dtype.itemsize // factor
     return local, gathered_layer, expert_grads
 
