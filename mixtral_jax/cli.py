@@ -121,7 +121,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         raise ConfigError("--full and --smoke exclude each other")
     if args.run and args.name != "routing_analysis":
         raise ConfigError("--run applies to routing_analysis only (the MoE run to analyse)")
+    if args.full_scale and args.smoke:
+        raise ConfigError("--full-scale and --smoke exclude each other")
     extra = {"full": True} if args.full else {}
+    if args.full_scale:
+        extra["full_scale"] = True
     if args.run:
         extra["run_dir"] = args.run
     report = run_experiment(args.name, out, smoke=args.smoke, overrides=args.overrides, **extra)
@@ -189,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "pipeline, not the science")
     experiment.add_argument("--full", action="store_true", help="router_ablation: the whole grid (128 runs, for a "
                                                                 "GPU) instead of one factor at a time")
+    experiment.add_argument("--full-scale", action="store_true", help="the accelerator-sized configs in "
+                                                                      "experiments/NAME/full_scale/ (GPU / TPU)")
     experiment.add_argument("--run", help="routing_analysis: analyse this trained MoE run dir instead of training one")
     experiment.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     experiment.set_defaults(func=cmd_experiment)

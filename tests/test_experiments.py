@@ -99,3 +99,19 @@ def test_unknown_experiment_names_the_closest(capsys):
 
     assert main(["experiment", "dense_vs_mo"]) == 2
     assert "did you mean 'dense_vs_moe'" in capsys.readouterr().err
+
+
+def test_full_scale_configs_are_the_published_models():
+    from mixtral_jax.config import load_config
+    from mixtral_jax.experiments.runner import experiment_config
+    from mixtral_jax.models.transformer import param_counts
+
+    counts = {m: param_counts(load_config(experiment_config("dense_vs_moe", f"{m}.yaml", full_scale=True)).model)
+              for m in ("dense", "moe", "dense_wide")}
+    assert counts["dense"]["total"] == 7_241_732_096  # Mistral 7B
+    assert (counts["moe"]["total"], counts["moe"]["active"]) == (46_702_792_704, 12_879_925_248)  # Mixtral 8x7B
+    # (c) matches (b)'s active FFN: 2 x 14336 hidden units; the router's weights are the difference
+    assert abs(counts["dense_wide"]["total"] - counts["moe"]["active"]) == counts["moe"]["router"]
+    for name, file in (("router_ablation", "base.yaml"), ("routing_analysis", "model.yaml")):
+        cfg = load_config(experiment_config(name, file, full_scale=True))
+        assert cfg.model.is_moe and cfg.mesh.expert == 8 and cfg.data.seq_len == 2048

@@ -98,13 +98,13 @@ def _plots(runs: dict[str, list[RunResult]], out: Path) -> list[str]:
     return [report.save(fig, out / "loss_curves.png")]
 
 
-def run(out: Path, smoke: bool = False, overrides: Sequence[str] = ()) -> Path:
+def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full_scale: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     extra = [*(SMOKE if smoke else []), *overrides]
     runs: dict[str, list[RunResult]] = {m: [] for m in MODELS}
     for seed in SEEDS:
         for model in MODELS:
-            result = train_run(experiment_config(NAME, f"{model}.yaml"), [*extra, f"run.seed={seed}"], out,
+            result = train_run(experiment_config(NAME, f"{model}.yaml", full_scale), [*extra, f"run.seed={seed}"], out,
                                f"{model}_seed{seed}")
             runs[model].append(result)
     plots = _plots(runs, out)
@@ -134,8 +134,9 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = ()) -> Path:
         "Mixtral's claim in these terms: 46.7B parameters stored, 12.9B used per token, so a training token "
         "costs about a 13B dense model's FLOPs while the model holds 3.6x the parameters of Mistral 7B.",
         "## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots),
-        "## Full scale\n\n`experiments/dense_vs_moe/full_scale/{mistral_7b,mixtral_8x7b}.yaml`: the real presets "
-        "on one mesh and token budget; check memory first with `mixtral-jax params --config FILE --mesh ... "
-        "--device ...`.",
+        "## Full scale\n\n`mixtral-jax experiment dense_vs_moe --full-scale` trains "
+        "`experiments/dense_vs_moe/full_scale/{dense,moe,dense_wide}.yaml`: the real Mistral 7B / Mixtral 8x7B "
+        "presets (and 7B with Mixtral's active FFN) on one mesh and token budget; check memory first with "
+        "`mixtral-jax params --config FILE --mesh ... --device ...`.",
     ]
     return report.write_report(out / "report.md", sections)

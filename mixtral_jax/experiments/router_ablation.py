@@ -95,13 +95,14 @@ def _loss_vs_imbalance(rows: list[list], out: Path) -> str:
     return report.save(fig, out / "loss_vs_imbalance.png")
 
 
-def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full: bool = False) -> Path:
+def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full: bool = False,
+        full_scale: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     grid = full_grid() if full else DEFAULT_GRID
     if smoke:
         grid = {k: DEFAULT_GRID[k] for k in SMOKE_GRID}
     extra = [*(SMOKE if smoke else []), *overrides]
-    runs = {name: train_run(experiment_config(NAME, "base.yaml"), [*extra, *point], out, name)
+    runs = {name: train_run(experiment_config(NAME, "base.yaml", full_scale), [*extra, *point], out, name)
             for name, point in grid.items()}
     rows = [_row(name, grid[name], r) for name, r in runs.items()]
     headers = ["point", "change", "held-out loss", "load max/mean", "load CV", "dropped fraction",

@@ -158,13 +158,14 @@ def _snippet(texts: list, experts: np.ndarray) -> tuple[str, list, np.ndarray]:
     return first, spans, np.concatenate([experts[:, w, :, 0] for w in windows], axis=1)
 
 
-def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), run_dir: str | None = None) -> Path:
+def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), run_dir: str | None = None,
+        full_scale: bool = False) -> Path:
     from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
     from mixtral_jax.training.evaluate import load_run_model
 
     out.mkdir(parents=True, exist_ok=True)
     if run_dir is None:
-        trained = train_run(experiment_config(NAME, "model.yaml"), [*(SMOKE if smoke else []), *overrides],
+        trained = train_run(experiment_config(NAME, "model.yaml", full_scale), [*(SMOKE if smoke else []), *overrides],
                             out, "model")
         run_dir = str(trained.run_dir)
     model, cfg, step = load_run_model(Path(run_dir))

@@ -42,8 +42,9 @@ class RunResult:
         return values[-1] if values else None
 
 
-def experiment_config(experiment: str, name: str) -> Path:
-    return EXPERIMENTS_DIR / experiment / name
+def experiment_config(experiment: str, name: str, full_scale: bool = False) -> Path:
+    """experiments/EXPERIMENT/NAME, or its accelerator-sized twin in full_scale/."""
+    return EXPERIMENTS_DIR / experiment / ("full_scale" if full_scale else "") / name
 
 
 def train_run(config: str | Path, overrides: Sequence[str], out_dir: Path, name: str) -> RunResult:
