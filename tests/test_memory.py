@@ -78,3 +78,16 @@ def test_mesh_and_device_typos_are_one_line_errors(capsys):
         parse_mesh("fsdp=0")
     assert main(["params", "--config", "mistral_7b", "--mesh", "fsdp=2", "--device", "h1000"]) == 2
     assert "unknown device 'h1000'" in capsys.readouterr().err
+
+
+def test_rows_per_token_of_each_dispatcher():
+    from mixtral_jax.training.memory import _moe_rows_per_token
+
+    mesh = dict(data=1, fsdp=1, expert=2, tensor=1)
+    cfg = lambda *o: load_config("configs/quickstart.yaml", [*SMALL, *MOE, *o])
+    assert _moe_rows_per_token(cfg("model.moe.dispatch=dense"), mesh, 1024) == 8  # every expert, every token
+    assert _moe_rows_per_token(cfg("model.moe.router=expert_choice", "model.moe.capacity_factor=2.0"), mesh, 1024) == 2.0
+    assert _moe_rows_per_token(cfg(), mesh, 1024) == 2 * 2  # dropless: X * k, the worst-case send buffer
+    # capacity 1.0 over 2 expert shards: each shard's 4 experts take at most C = 2 * 2048 / 8 rows
+    capped = _moe_rows_per_token(cfg("model.moe.dispatch=capacity", "model.moe.capacity_factor=1.0"), mesh, 1024)
+    assert capped == 2 * min(1024 * 2, 4 * 512) / 1024

@@ -80,7 +80,10 @@ def chance_rates(sequences: Sequence[np.ndarray]) -> tuple[float, float]:
     """The same two rates if consecutive tokens were drawn independently from the marginals:
     sum_i p_i^2 over top-1 shares p, and sum over pairs of top-k sets (S, T) that intersect of
     q_S q_T, q the share of each set."""
-    rows = np.concatenate([np.asarray(s) for s in sequences])
+    used = [np.asarray(s) for s in sequences if len(s) >= 2]  # the tokens consecutive_rates counts
+    if not used:
+        return float("nan"), float("nan")
+    rows = np.concatenate(used)
     top1 = Counter(rows[:, 0].tolist())
     p = np.array(list(top1.values()), float) / len(rows)
     sets = Counter(frozenset(r.tolist()) for r in rows)

@@ -14,8 +14,10 @@ Per device (expert axis size X, local experts E_l = E / X, n local tokens, top-k
 1. sort the n * k (token, expert) slots by expert; slot s goes to the device holding its expert,
    d = expert // E_l, into row `rank` of a [X, B, D] send buffer (B rows per destination);
 2. all_to_all: device j receives the rows every device sent it, with their local expert ids;
-3. grouped SwiGLU over the received rows (padding rows carry id E_l: no group, no FLOPs on CPU's
-   block loop, zero rows for ragged_dot), hidden dim split over `tensor` and summed (Megatron);
+3. grouped SwiGLU over the received rows (padding rows are zero rows with id E_l, in no group:
+   they add no blocks to CPU's block loop, though they may fill the last expert's final partial
+   block, where SwiGLU(0) = 0 and nothing reads them back), hidden dim split over `tensor` and
+   summed (Megatron);
 4. all_to_all back; each slot reads its row and the top-k outputs are combined with the weights.
 B = n * k for `dropless` (a device may route all its slots to one expert group, so nothing can
 be dropped; X times the send buffer of a balanced exchange) and min(n * k, E_l * C) for
@@ -96,7 +98,7 @@ def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_p
     exchange = lambda a: jax.lax.all_to_all(a, EXPERT_AXIS, 0, 0, tiled=True)
     recv, recv_ids = exchange(send), exchange(local_id)
     if split_embed:  # FSDP: gather this layer's expert weights; the transpose reduce-scatters the
-        # gradients, so they leave split over fsdp and no device holds a whole unreduced copy
+        # layer's gradients, so the stacked gradients leave split over fsdp
         w_gate, w_up = (jax.lax.all_gather(w, FSDP_AXIS, axis=1, tiled=True) for w in (w_gate, w_up))
         w_down = jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True)
     # Make rows and weights vary over the same manual axes (the block loop's carries must), i.e.
