@@ -79,6 +79,21 @@ def _analytic_table() -> str:
     return report.table(headers, rows)
 
 
+def _verdict(spread: dict[str, tuple[float | None, float | None]]) -> str:
+    """(b) against (a) and (c) at equal tokens, and whether the gap exceeds the seeds' spread."""
+    if any(mean is None for mean, _ in spread.values()):
+        return "No held-out loss was measured."
+    lines = [f"Held-out loss at equal tokens: sparse (b) {spread['moe'][0]:.4f}, dense (a) {spread['dense'][0]:.4f}, "
+             f"active-matched dense (c) {spread['dense_wide'][0]:.4f} nats/token."]
+    for other, label in (("dense", "the dense base (a)"), ("dense_wide", "the active-matched dense (c)")):
+        gap = spread[other][0] - spread["moe"][0]
+        noise = spread[other][1] + spread["moe"][1]
+        lines.append(f"(b) is {'lower' if gap > 0 else 'NOT lower'} than {label} by {gap:+.4f} nats; the two "
+                     f"seeds' half-ranges add to {noise:.4f}, so the gap is "
+                     f"{'larger than' if abs(gap) > noise else 'within'} the seed spread.")
+    return " ".join(lines)
+
+
 def _plots(runs: dict[str, list[RunResult]], out: Path) -> list[str]:
     fig, axes = report.figure(ncols=3, size=(5.0, 4.0))
     xs = (("tokens", "tokens seen"), ("flops", "training FLOPs"), ("seconds", "training wall-clock (s)"))
@@ -109,8 +124,8 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full_scal
             runs[model].append(result)
     plots = _plots(runs, out)
     base = runs["dense"][0]
-    final = {m: report.mean_spread([r.summary["eval_loss"] for r in runs[m]])[0] for m in MODELS}
-    moe_wins = final["moe"] is not None and final["dense"] is not None and final["moe"] < final["dense"]
+    spread = {m: report.mean_spread([r.summary["eval_loss"] for r in runs[m]]) for m in MODELS}
+    final = {m: spread[m][0] for m in MODELS}
     tokens = base.summary["tokens"]
     sections = [
         f"# dense_vs_moe{' (smoke)' if smoke else ''}",
@@ -122,11 +137,7 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full_scal
         "## Measured (this machine)\n\n" + _measured_table(runs),
         f"Held-out unigram entropy (the loss of predicting token frequencies alone): "
         f"{base.summary['unigram_entropy']:.3f} nats/token.",
-        "## Result\n\n" + (
-            f"Sparse (b) reached {final['moe']:.4f} vs dense (a) {final['dense']:.4f} and active-matched dense (c) "
-            f"{final['dense_wide']:.4f} nats/token at equal tokens: the sparse model is "
-            f"{'lower' if moe_wins else 'NOT lower'} than the dense base."
-            if None not in final.values() else "No held-out loss was measured."),
+        "## Result\n\n" + _verdict(spread),
         "## The published scale, computed (not trained)\n\n"
         f"Same columns from the presets, for {PLAN['tokens']:.0e} tokens at seq {PLAN['seq_len']} on "
         f"{PLAN['hardware'].upper()} at {PLAN['mfu']:.0%} MFU and ${PLAN['price']}/device-hour "
