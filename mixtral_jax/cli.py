@@ -107,6 +107,22 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from mixtral_jax.interop.convert import import_hf
+
+    run_dir = import_hf(Path(args.dir), Path(args.out))
+    print(f"imported {args.dir} -> run directory {run_dir} (fine-tune with train.init_from={run_dir})")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from mixtral_jax.interop.convert import export_hf
+
+    out = export_hf(Path(args.run), Path(args.out))
+    print(f"exported {args.run} -> Hugging Face directory {out}")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from mixtral_jax.experiments import EXPERIMENTS, run_experiment
 
@@ -181,6 +197,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "at model.max_seq_len)")
     plan.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     plan.set_defaults(func=cmd_cost)
+
+    import_hf = verbs.add_parser(
+        "import-hf", help="convert a Hugging Face Mistral / Mixtral directory into a run directory",
+        description="Read config.json + *.safetensors (single or sharded) and write RUN/config.yaml, a step-0 "
+                    "weights checkpoint and RUN/tokenizer.model (if DIR has one). Use the run with eval, "
+                    "generate, export-hf or train.init_from=RUN.")
+    import_hf.add_argument("dir", metavar="DIR", help="Hugging Face model directory (e.g. from save_pretrained)")
+    import_hf.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have "
+                                                                      "no checkpoints")
+    import_hf.set_defaults(func=cmd_import_hf)
+
+    export_hf = verbs.add_parser(
+        "export-hf", help="write a run's latest weights as a Hugging Face directory",
+        description="Write config.json + model.safetensors that transformers' from_pretrained loads "
+                    "(MistralForCausalLM or MixtralForCausalLM), plus tokenizer.model if the run has one.")
+    export_hf.add_argument("--run", required=True, help="run directory (runs/NAME)")
+    export_hf.add_argument("--out", required=True, metavar="DIR", help="output directory (no safetensors in it yet)")
+    export_hf.set_defaults(func=cmd_export_hf)
     from mixtral_jax.experiments import EXPERIMENTS
 
     experiment = verbs.add_parser(

@@ -18,31 +18,11 @@ import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from hf_tiny import SEQ, TRUNK, random_tokens, tiny_hf_model  # noqa: E402
+
 from mixtral_jax.interop import hf  # noqa: E402
 
-SEQ = 24
-TRUNK = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=32, intermediate_size=128, sliding_window=8, rope_theta=1e6, max_position_embeddings=64)
-
-
-def _hf_model(kind: str, seed: int = 0, **extra):
-    torch.manual_seed(seed)
-    if kind == "mistral":
-        config = transformers.MistralConfig(**TRUNK, **extra)
-        model = transformers.MistralForCausalLM(config)
-    else:
-        config = transformers.MixtralConfig(**TRUNK, num_local_experts=4, num_experts_per_tok=2, **extra)
-        model = transformers.MixtralForCausalLM(config)
-    # Random init of norms is all-ones; perturb them so a norm mix-up cannot hide.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
-def _tokens(seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, TRUNK["vocab_size"], size=(2, SEQ)).astype(np.int32)
+_hf_model, _tokens = tiny_hf_model, random_tokens
 
 
 def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mixtral_jax.models.transformer import Transformer, param_counts
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated, traced_under
 from mixtral_jax.parallel.rules import state_shardings
-from mixtral_jax.training.checkpoint import Checkpointer
+from mixtral_jax.training.checkpoint import TRAINER, Checkpointer
 from mixtral_jax.training.meter import RunMeter
 from mixtral_jax.training.metrics import MetricsLogger
 from mixtral_jax.training.preemption import StopRequest
@@ -160,6 +160,10 @@ class Trainer:
         latest = self.checkpointer.latest_step()
         if latest is None:
             return self._fresh_state(), data_iter, {}
+        if not (self.checkpointer.directory / str(latest) / TRAINER).is_dir():
+            raise ConfigError(f"{self.run_dir} holds weights only (imported, no optimizer or data state) and "
+                              f"cannot be resumed: fine-tune from it with train.init_from={self.run_dir} and a new "
+                              "run.name")
         # Restore straight into this mesh's shardings (whatever mesh the checkpoint was saved on).
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               self.abstract_state, self.state_shardings)

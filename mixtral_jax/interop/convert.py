@@ -1,0 +1,105 @@
+"""HF directory <-> run directory (`mixtral-jax import-hf` / `export-hf`).
+
+An imported run is an ordinary run directory (config.yaml + orbax checkpoint + tokenizer.model)
+so everything that reads runs works on it unchanged: `eval`, `generate`, `export-hf`, and
+`train.init_from=RUN` for fine-tuning. Its checkpoint holds only the `weights` item (what
+fine-tuning and export read): an imported model has no optimizer state, data position or
+step to resume, and inventing them would let `train` "resume" a run that never trained.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mixtral_jax.config import Config, DataConfig, ModelConfig, RunConfig, load_config, save_config, validate
+from mixtral_jax.interop import hf
+from mixtral_jax.training.checkpoint import WEIGHTS, Checkpointer
+
+TOKENIZER = "tokenizer.model"
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    ckpt_dir = run_dir / "checkpoints"
+    return ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+
+
+def run_config(model_cfg: ModelConfig, run_dir: Path) -> Config:
+    """The resolved Config an imported run records: the imported model, defaults elsewhere.
+
+    name / out_dir are split from run_dir exactly as `Config.run_dir` joins them, so the file
+    reads back as this same run. data.seq_len is capped at the model's context, because the
+    default (256) could exceed a small model's max_seq_len and fail validation on reload.
+    """
+    data = DataConfig()
+    data.seq_len = min(data.seq_len, model_cfg.max_seq_len)
+    cfg = Config(run=RunConfig(name=run_dir.name, out_dir=str(run_dir.parent)), model=model_cfg, data=data)
+    validate(cfg)  # the same checks load_config applies, so the written file is loadable
+    return cfg
+
+
+def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
+    """Convert an HF Mistral / Mixtral directory into a run directory; returns run_dir.
+
+    Writes run_dir/config.yaml, a step-0 checkpoint of the weights under run_dir/checkpoints,
+    and copies tokenizer.model when the HF directory has one. Refuses a run_dir that already
+    has checkpoints (that would mix an imported model into a trained run's history).
+    """
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    # Cheap checks first: loading a large checkpoint only to fail on the destination wastes minutes.
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"HF model directory not found: {hf_dir}")
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir} has no config.json (not a Hugging Face model directory)")
+    if _has_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already has checkpoints; choose a new --out run directory")
+    if not run_dir.name or run_dir.name == "..":
+        raise ValueError(f"--out {run_dir}: give a run directory such as runs/NAME")
+
+    model, model_cfg = hf.load(hf_dir)
+    cfg = run_config(model_cfg, run_dir)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    weights = {"params": params, "model_state": model_state}  # the layout Checkpointer.split_state saves
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=1, async_save=False)
+    # Checkpointer.save always writes all four items; an import has only weights, so save that
+    # item alone (plus provenance in `meta`) through the same manager, names and directory layout.
+    checkpointer.manager.save(0, args=ocp.args.Composite(**{
+        WEIGHTS: ocp.args.StandardSave(weights),
+        "meta": ocp.args.JsonSave({"imported_from": str(hf_dir.resolve()), "format": "hf"}),
+    }), force=True)
+    checkpointer.close()
+
+    if (hf_dir / TOKENIZER).is_file():
+        shutil.copyfile(hf_dir / TOKENIZER, run_dir / TOKENIZER)
+    # Written last: a directory with config.yaml is a usable run (eval reads it first).
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a run's latest weights as an HF directory (config.json + model.safetensors)."""
+    from mixtral_jax.training.evaluate import load_run_model  # pulls in the data pipeline: only when used
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    # Check HF can express the model before restoring (possibly large) weights.
+    try:
+        hf.config_to_hf(load_config(config_file).model)
+    except ValueError as err:
+        raise ValueError(f"{run_dir} cannot be exported to HF: {err}") from None
+    # Stale shards or an index.json left in out_dir would be read alongside the new file.
+    if out_dir.is_dir() and any(out_dir.glob("*.safetensors*")):
+        raise ValueError(f"{out_dir} already holds safetensors weights; choose an empty --out directory")
+
+    model, cfg, _ = load_run_model(run_dir)
+    hf.save(model, cfg.model, out_dir)
+    if (run_dir / TOKENIZER).is_file():
+        shutil.copyfile(run_dir / TOKENIZER, out_dir / TOKENIZER)
+    return out_dir
