@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import-hf", help="convert a Hugging Face Mistral / Mixtral directory into a run directory",
         description="Read config.json + *.safetensors (single or sharded) and write RUN/config.yaml, a step-0 "
                     "weights checkpoint and RUN/tokenizer.model (if DIR has one). Use the run with eval, "
-                    "generate, export-hf or train.init_from=RUN.")
+                    "export-hf or train.init_from=RUN.")
     import_hf.add_argument("dir", metavar="DIR", help="Hugging Face model directory (e.g. from save_pretrained)")
     import_hf.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have "
                                                                       "no checkpoints")
