@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from pathlib import Path
 
-from mixtral_jax.config import ConfigError, load_config
+from mixtral_jax.config import ConfigError, did_you_mean, load_config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -127,9 +126,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from mixtral_jax.experiments import EXPERIMENTS, run_experiment
 
     if args.name not in EXPERIMENTS:
-        close = difflib.get_close_matches(args.name, list(EXPERIMENTS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown experiment '{args.name}'{hint}; one of {', '.join(EXPERIMENTS)}")
+        raise ConfigError(f"unknown experiment '{args.name}'{did_you_mean(args.name, EXPERIMENTS)} "
+                          f"(one of {', '.join(EXPERIMENTS)})")
     out = Path(args.out or Path("runs") / (args.name + ("_smoke" if args.smoke else "")))
     if args.full and args.name != "router_ablation":
         raise ConfigError("--full applies to router_ablation only (its whole 128-point grid)")

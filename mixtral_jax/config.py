@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -311,11 +311,16 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """"; did you mean 'X'?" for the closest of `choices`, or "" when none is close."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
     if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}{hint}")
+        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}"
+                          f"{did_you_mean(value, choices)}")
 
 
 def validate(cfg: Config) -> None:

@@ -13,17 +13,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from meshes import mesh_of as _mesh
 from mixtral_jax.models.dispatch import Experts, capacity, dropless
 from mixtral_jax.models.routing import TokenChoice
-from mixtral_jax.parallel.mesh import BATCH_AXES, MESH_AXES, traced_under
+from mixtral_jax.parallel.mesh import BATCH_AXES, traced_under
 
 N, D, H, E, K = 64, 16, 32, 8, 2
 MESHES = [dict(fsdp=2, tensor=2, expert=2), dict(data=2, expert=4), dict(expert=8), dict(data=8)]
-
-
-def _mesh(sizes: dict[str, int]) -> Mesh:
-    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
-    return Mesh(np.asarray(jax.devices()[: int(np.prod(shape))]).reshape(shape), MESH_AXES)
 
 
 def _problem(seed: int, skew: bool = False):

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 
-import jax
-import numpy as np
 import pytest
-from jax.sharding import Mesh
 
+from meshes import mesh_of as _mesh
 from mixtral_jax.cli import main
 from mixtral_jax.config import ConfigError, load_config
-from mixtral_jax.parallel.mesh import MESH_AXES
 from mixtral_jax.training.aot import compile_train_step
 from mixtral_jax.training.memory import GIB, parse_mesh, plan_memory, usable_bytes
 
@@ -25,11 +22,6 @@ CASES = [
     (DENSE, "none", {}), (DENSE, "dots_saveable", {}), (MOE, "full", {}),
     (MOE, "full", dict(fsdp=4, expert=2)), (DENSE, "full", dict(fsdp=2, tensor=2, expert=2)),
 ]
-
-
-def _mesh(sizes: dict[str, int]) -> Mesh:
-    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
-    return Mesh(np.asarray(jax.devices()[: int(np.prod(shape))]).reshape(shape), MESH_AXES)
 
 
 @pytest.mark.parametrize("model,remat,sizes", CASES,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 
+from meshes import mesh_of as _mesh
 from mixtral_jax.config import ConfigError, MeshConfig, load_config
-from mixtral_jax.parallel.mesh import MESH_AXES, batch_sharding, make_mesh, mesh_shape
+from mixtral_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape
 from mixtral_jax.parallel.rules import LOGICAL_AXIS_RULES, logical_to_spec
 from mixtral_jax.training.trainer import build_program, global_batch
 
@@ -26,12 +27,6 @@ MODELS = {
 MESHES = [dict(data=8), dict(fsdp=4, expert=2), dict(data=2, expert=4), dict(expert=8),
           dict(fsdp=2, tensor=2, expert=2)]
 STEPS = 3
-
-
-def _mesh(sizes: dict[str, int]) -> Mesh:
-    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
-    n = int(np.prod(shape))
-    return Mesh(np.asarray(jax.devices()[:n]).reshape(shape), MESH_AXES)
 
 
 def _batches(cfg, n: int) -> list[dict[str, np.ndarray]]:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import MoEConfig
-from mixtral_jax.models.grouped import slot_swiglu, take_rows
+from mixtral_jax.models.grouped import combine_slots, slot_swiglu, take_rows
 from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice
 from mixtral_jax.parallel.expert_parallel import dispatch_mesh, expert_parallel_swiglu
 
@@ -45,11 +45,6 @@ def batched_swiglu(xs: jax.Array, experts: Experts) -> jax.Array:
     gate = jnp.einsum("ecd,edh->ech", xs, experts.w_gate)
     up = jnp.einsum("ecd,edh->ech", xs, experts.w_up)
     return jnp.einsum("ech,ehd->ecd", jax.nn.silu(gate) * up, experts.w_down)
-
-
-def _combine(per_slot: jax.Array, weights: jax.Array) -> jax.Array:
-    """[N, k, D] expert outputs per slot, weights [N, k] -> y [N, D] float32."""
-    return jnp.sum(per_slot.astype(jnp.float32) * weights.astype(jnp.float32)[..., None], axis=1)
 
 
 def dense(x: jax.Array, routing: Routing, experts: Experts) -> tuple[jax.Array, jax.Array]:
@@ -121,7 +116,7 @@ def capacity(
     xs = take_rows(x, token_table).reshape(num_experts, cap, -1)
     out = batched_swiglu(xs, experts).reshape(num_experts * cap, -1)
     per_slot = take_rows(out, slot_dest).reshape(n, k, -1)  # dropped slots read zeros
-    y = _combine(per_slot, routing.weights)
+    y = combine_slots(per_slot, routing.weights)
     return y.astype(x.dtype), dropped
 
 
@@ -136,7 +131,7 @@ def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.
         keep = jnp.ones(routing.expert_ids.shape, bool)
         return expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts), \
             jnp.asarray(_ZERO, jnp.float32)
-    y = _combine(slot_swiglu(x, routing.expert_ids, *experts), routing.weights)
+    y = combine_slots(slot_swiglu(x, routing.expert_ids, *experts), routing.weights)
     return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
 
 

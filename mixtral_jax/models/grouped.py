@@ -35,6 +35,11 @@ def take_rows(src: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take(src, index, axis=0, mode="fill", fill_value=0)
 
 
+def combine_slots(per_slot: jax.Array, weights: jax.Array) -> jax.Array:
+    """[N, k, D] expert outputs per slot, weights [N, k] -> y [N, D], accumulated in float32."""
+    return jnp.sum(per_slot.astype(jnp.float32) * weights.astype(jnp.float32)[..., None], axis=1)
+
+
 def ragged_swiglu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                   w_down: jax.Array) -> jax.Array:
     gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mixtral_jax.models.grouped import slot_swiglu, take_rows
+from mixtral_jax.models.grouped import combine_slots, slot_swiglu, take_rows
 from mixtral_jax.parallel.mesh import BATCH_AXES
 
 EXPERT_AXIS = "expert"
@@ -114,8 +114,7 @@ def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_p
         out = jax.lax.psum(out, TENSOR_AXIS)
     back = exchange(out)
     per_slot = take_rows(back, place).reshape(n, k, -1)  # dropped slots read zeros
-    y = jnp.sum(per_slot.astype(jnp.float32) * weights.astype(jnp.float32)[..., None], axis=1)
-    return y.astype(x.dtype)
+    return combine_slots(per_slot, weights).astype(x.dtype)
 
 
 def expert_parallel_swiglu(mesh, x: jax.Array, expert_ids: jax.Array, weights: jax.Array, keep: jax.Array,

@@ -17,8 +17,7 @@ BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int3
 
 def abstract_train_inputs(cfg: Config, mesh: Mesh, program: Program) -> tuple:
     """(state, batch) as ShapeDtypeStructs carrying the shardings the train step is jitted with."""
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         program.abstract_state, program.state_shardings)
+    state = program.sharded_shapes()
     shape, sharding = (cfg.data.batch_size, cfg.data.seq_len), batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding) for k, dt in BATCH_DTYPES.items()}
     return state, batch

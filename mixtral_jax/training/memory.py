@@ -20,7 +20,6 @@ estimate and confirm with `compile()` on the target mesh (issue 9's `mixtral-jax
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import asdict, dataclass
 
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from mixtral_jax.config import Config, ConfigError, ModelConfig
+from mixtral_jax.config import Config, ConfigError, ModelConfig, did_you_mean
 from mixtral_jax.models.attention import head_dim_of
 from mixtral_jax.models.dispatch import capacity_size
 from mixtral_jax.parallel.mesh import BATCH_AXES, MESH_AXES
@@ -77,9 +76,8 @@ def parse_mesh(text: str) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         axis, sep, value = part.partition("=")
         if axis not in sizes:
-            close = difflib.get_close_matches(axis, MESH_AXES, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"--mesh: unknown axis '{axis}'{hint}; axes are {', '.join(MESH_AXES)}")
+            raise ConfigError(f"--mesh: unknown axis '{axis}'{did_you_mean(axis, MESH_AXES)} "
+                              f"(axes are {', '.join(MESH_AXES)})")
         if not sep or not value.isdigit() or int(value) < 1:
             raise ConfigError(f"--mesh '{part}': expected {axis}=N with N >= 1")
         sizes[axis] = int(value)

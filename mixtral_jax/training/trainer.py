@@ -47,7 +47,7 @@ class Trainer:
                 f"devices ({batch_divisor(self.mesh)}) x optim.grad_accum ({cfg.optim.grad_accum})")
         self.tokenizer = self._tokenizer()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-        program = build_program(cfg, self.mesh)
+        program = self.program = build_program(cfg, self.mesh)
         self.abstract_state, self.state_shardings = program.abstract_state, program.state_shardings
         self.train_step, self.eval_step = program.train_step, program.eval_step
         self.init_state = program.init_state
@@ -165,8 +165,7 @@ class Trainer:
                               f"cannot be resumed: fine-tune from it with train.init_from={self.run_dir} and a new "
                               "run.name")
         # Restore straight into this mesh's shardings (whatever mesh the checkpoint was saved on).
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              self.abstract_state, self.state_shardings)
+        target = self.program.sharded_shapes()
         state, data_state, meta = self.checkpointer.restore(latest, target)
         data_iter.set_state(data_state)
         _truncate_metrics(self.run_dir, latest)
@@ -240,6 +239,12 @@ class Program:
     init_state: Callable[[], TrainState]  # builds the fresh state already sharded
     train_step: Callable
     eval_step: Callable
+
+    def sharded_shapes(self) -> Any:
+        """The state as ShapeDtypeStructs carrying this mesh's shardings: a restore target, or
+        the abstract argument to lower the train step with."""
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self.abstract_state, self.state_shardings)
 
 
 def build_program(cfg: Config, mesh: Mesh) -> Program:
