@@ -26,6 +26,8 @@ REMAT = ("none", "full", "dots_saveable")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("off", "offline", "online")
 AUX_LOSS_SCOPES = ("batch", "sequence")
+FREEZE = ("none", "router", "all_but_experts")
+LORA_TARGETS = ("attention", "experts", "mlp")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -140,6 +142,20 @@ class TrainConfig:
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0  # 0 = off; > 0 trains low-rank adapters only (base weights frozen)
+    alpha: float = 16.0  # the update is (alpha / rank) * A @ B
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])  # of attention | experts | mlp
+
+
+@dataclass
+class FinetuneConfig:
+    freeze: str = "none"  # none | router | all_but_experts (full fine-tuning of the rest)
+    router_lr_scale: float = 1.0  # the router's learning rate = optim.lr x this
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+
+@dataclass
 class MeshConfig:
     data: int = -1  # within a slice (ICI); -1 = fill the slice's remaining devices
     fsdp: int = 1
@@ -174,6 +190,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -362,9 +379,9 @@ def validate(cfg: Config) -> None:
     _require(d.batch_size > 0, "data.batch_size", "must be positive")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.tokenizer.train_bytes > 0, "data.tokenizer.train_bytes", "must be positive")
-    source_kinds = ("python_source", "tfds:", "jsonl:", "text:")
+    source_kinds = ("python_source", "tfds:", "jsonl:", "text:", "instruct:")
     _require(d.source == "python_source" or d.source.startswith(source_kinds[1:]), "data.source",
-             f"'{d.source}' must be python_source, tfds:NAME[/CONFIG], jsonl:PATH or text:DIR")
+             f"'{d.source}' must be python_source, tfds:NAME[/CONFIG], jsonl:PATH, text:DIR or instruct:PATH")
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be within [0, 1]")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -382,6 +399,7 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, key) > 0, f"train.{key}", "must be positive")
     _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _validate_finetune(cfg)
     for key in ("data", "fsdp", "expert", "tensor"):
         value = getattr(cfg.mesh, key)
         _require(value == -1 or value >= 1, f"mesh.{key}", "must be >= 1, or -1 to fill the remaining devices")
@@ -393,3 +411,23 @@ def validate(cfg: Config) -> None:
     _require(cfg.cost.price_per_device_hour >= 0, "cost.price_per_device_hour", "must be >= 0")
     _choice(cfg.logging.wandb, WANDB_MODES, "logging.wandb")
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", "must be a non-empty name without '/'")
+
+
+def _validate_finetune(cfg: Config) -> None:
+    f, lora = cfg.finetune, cfg.finetune.lora
+    _choice(f.freeze, FREEZE, "finetune.freeze")
+    _require(f.freeze != "all_but_experts" or cfg.model.is_moe, "finetune.freeze",
+             "all_but_experts needs an MoE model (model.moe.num_experts > 0)")
+    _require(f.router_lr_scale >= 0, "finetune.router_lr_scale", "must be >= 0 (0 = router not updated)")
+    _require(lora.rank >= 0, "finetune.lora.rank", "must be >= 0 (0 = no LoRA)")
+    if lora.rank == 0:
+        return
+    _require(f.freeze == "none", "finetune.freeze",
+             "LoRA already freezes every base weight; leave freeze at none when finetune.lora.rank > 0")
+    _require(lora.alpha > 0, "finetune.lora.alpha", "must be positive")
+    _require(len(lora.targets) > 0, "finetune.lora.targets", f"name at least one of {', '.join(LORA_TARGETS)}")
+    for target in lora.targets:
+        _choice(target, LORA_TARGETS, "finetune.lora.targets")
+    present = {"attention"} | ({"experts"} if cfg.model.is_moe else {"mlp"})
+    _require(bool(set(lora.targets) & present), "finetune.lora.targets",
+             f"{lora.targets} selects no weight of this model (it has {', '.join(sorted(present))})")

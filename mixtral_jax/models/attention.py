@@ -1,7 +1,9 @@
-"""Grouped-query self-attention with RoPE, optional sliding window and packed-document masking."""
+"""Grouped-query self-attention with RoPE, optional sliding window and packed-document masking,
+plus a KV-cached path for generation (a rolling buffer of W slots under a sliding window)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -14,6 +16,27 @@ from mixtral_jax.models.layers import INIT_STD, apply_rope, as_dtype, make_param
 # Large finite negative rather than -inf: a fully masked row then gives a uniform softmax
 # instead of NaNs (cannot happen with causal masks, since a token always sees itself).
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """One layer's keys / values for generation (the Transformer stacks a leading layers axis).
+
+    k, v [B, S, KV, Dh] (RoPE already applied to k) and pos [B, S] int32, the absolute position
+    held in each slot, -1 for an empty one. The token at position p lives in slot p % S: with a
+    sliding window W and S = W this is Mistral's rolling buffer, since a query never needs a key
+    more than W - 1 positions back, the slot it would overwrite is always already out of reach.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: jnp.dtype) -> "KVCache":
+        shape = (batch, slots, n_kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32))
 
 
 def head_dim_of(cfg: ModelConfig) -> int:
@@ -75,15 +98,56 @@ class Attention(nnx.Module):
         self.wv = make_param(rngs, (d, cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.wo = make_param(rngs, (cfg.n_heads, hd, d), ("q_heads", "head_dim", "embed"), pdt, out_std)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """x [B, T, dim], positions / segment_ids [B, T] int -> [B, T, dim] in the compute dtype."""
+    def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q [B,T,H,Dh], k / v [B,T,KV,Dh] in the compute dtype, q and k rotated at `positions`."""
         dt = self.dtype
         x = x.astype(dt)
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
+        return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """x [B, T, dim], positions / segment_ids [B, T] int -> [B, T, dim] in the compute dtype."""
+        q, k, v = self._project(x, positions)
         mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
         out = dot_product_attention(q, k, v, mask)
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(self.dtype))
+
+    def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """A chunk of new tokens x [B, T, dim] at absolute positions [B, T] (increasing, after every
+        position already cached) -> (out [B, T, dim], the cache with the chunk written in).
+
+        The chunk attends to the cache contents and to itself, so the same code serves a prefill
+        longer than the cache and a one-token decode step. The chunk is written after attending
+        because, when T > 1, its own earlier tokens may need slots the chunk's later tokens evict.
+        """
+        q, k, v = self._project(x, positions)
+        keys = jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1)
+        values = jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1)
+        k_pos = jnp.concatenate([cache.pos, positions.astype(jnp.int32)], axis=1)
+        # Empty slots get segment 0 and every query segment 1: the packed-document rule then
+        # masks them, and causality plus the window handle the rest by absolute position.
+        q_seg = jnp.ones_like(positions, jnp.int32)
+        k_seg = (k_pos >= 0).astype(jnp.int32)
+        mask = attention_mask(positions, k_pos, q_seg, k_seg, self.window)
+        out = dot_product_attention(q.astype(keys.dtype), keys, values, mask)
+        out = jnp.einsum("bthk,hkd->btd", out.astype(self.dtype), self.wo[...].astype(self.dtype))
+        return out, write_cache(cache, k, v, positions)
+
+
+def write_cache(cache: KVCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
+    """Store a chunk's k / v [B, T, KV, Dh] at slots positions % S. Only the last S tokens are
+    kept when T > S: earlier ones would be overwritten within this same write anyway, and a
+    scatter with duplicate indices has no defined winner."""
+    slots = cache.pos.shape[1]
+    if k.shape[1] > slots:
+        k, v, positions = k[:, -slots:], v[:, -slots:], positions[:, -slots:]
+    positions = positions.astype(jnp.int32)
+    rows = jnp.arange(k.shape[0])[:, None]
+    slot = positions % slots
+    return KVCache(
+        k=cache.k.at[rows, slot].set(k.astype(cache.k.dtype)),
+        v=cache.v.at[rows, slot].set(v.astype(cache.v.dtype)),
+        pos=cache.pos.at[rows, slot].set(positions),
+    )

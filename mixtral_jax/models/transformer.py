@@ -1,5 +1,5 @@
 """Decoder-only transformer (Mistral dense / Mixtral MoE) with layers stacked and scanned,
-and parameter counting without allocation."""
+a KV-cached decode path for generation, and parameter counting without allocation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.models.attention import Attention
+from mixtral_jax.models.attention import Attention, KVCache, head_dim_of
 from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
 from mixtral_jax.models.moe import MoEBlock
 from mixtral_jax.parallel.rules import constrain
@@ -55,6 +55,17 @@ class Block(nnx.Module):
             stats = {"aux_loss": zero, "z_loss": zero}
         return x + y.astype(x.dtype), stats
 
+    def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The cached counterpart of __call__ for generation: no router noise, no stats. The MoE
+        ffn runs unchanged; its dropless dispatch is exact on any number of tokens."""
+        attn_out, cache = self.attn.decode(self.attn_norm(x), positions, cache)
+        x = x + attn_out.astype(x.dtype)
+        if self.is_moe:
+            y, _ = self.ffn(self.ffn_norm(x))
+        else:
+            y = self.ffn(self.ffn_norm(x))
+        return x + y.astype(x.dtype), cache
+
 
 class Transformer(nnx.Module):
     """tokens [B, T] -> (logits [B, T, vocab] float32, aux).
@@ -72,6 +83,11 @@ class Transformer(nnx.Module):
         # Keep scalars, not the (unhashable) config dataclass: module statics go in the graphdef.
         self.is_moe = cfg.is_moe
         self.n_layers = cfg.n_layers
+        # For generation: cache geometry, and the longest sequence a full-attention cache may hold.
+        self.sliding_window = cfg.sliding_window
+        self.max_seq_len = cfg.max_seq_len
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = head_dim_of(cfg)
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
         self.dtype = as_dtype(cfg.dtype)
@@ -130,13 +146,7 @@ class Transformer(nnx.Module):
             return layer(block, x, pos, seg, rng)
 
         x, stats = run_layers(x, self.blocks, positions, segment_ids, layer_rngs)  # stats: [n_layers, ...]
-        x = self.final_norm(x)
-
-        if self.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", None, "vocab"))
+        logits = self._head(x)
 
         aux = {"aux_loss": jnp.mean(stats["aux_loss"]), "z_loss": jnp.mean(stats["z_loss"])}
         if self.is_moe:
@@ -146,6 +156,42 @@ class Transformer(nnx.Module):
             if capture_routing:
                 aux["top_experts"] = stats["top_experts"]
         return logits.astype(jnp.float32), aux
+
+    def _head(self, x: jax.Array) -> jax.Array:
+        """Final norm and output projection: residual stream [B, T, dim] -> logits [B, T, V]."""
+        x = self.final_norm(x)
+        dt = self.dtype
+        if self.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", None, "vocab"))
+
+    def cache_slots(self, max_len: int) -> int:
+        """Slots per layer for sequences of up to max_len positions: the window when there is
+        one (a rolling buffer), since older keys are never attended to again."""
+        return min(self.sliding_window, max_len) if self.sliding_window else max_len
+
+    def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> KVCache:
+        """An empty KVCache stacked over layers: k / v [L, B, S, KV, Dh], pos [L, B, S] = -1,
+        with S = cache_slots(max_len), in the compute dtype unless `dtype` is given."""
+        layer = KVCache.empty(batch, self.cache_slots(max_len), self.n_kv_heads, self.head_dim,
+                              self.dtype if dtype is None else dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.n_layers, *a.shape)), layer)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """tokens / positions [B, T] (absolute, following everything already in the cache) ->
+        (logits [B, T, V] float32, the updated cache). A prompt prefill and a one-token step are
+        the same call; logits equal those of __call__ over the whole sequence so far."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0),
+                  transform_metadata=_LAYER_METADATA)
+        def run_layers(x: jax.Array, block: Block, pos: jax.Array, layer_cache: KVCache):
+            return block.decode(x, pos, layer_cache)
+
+        x, cache = run_layers(x, self.blocks, positions, cache)
+        return self._head(x).astype(jnp.float32), cache
 
 
 # ---------------------------------------------------------------- parameter counting

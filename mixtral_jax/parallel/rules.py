@@ -90,6 +90,8 @@ def state_shardings(abstract: Any, mesh: Mesh,
 
     def one(node: Any) -> Any:
         if isinstance(node, nnx.Variable):
+            if not hasattr(node.get_value(), "shape"):
+                return node  # no array inside (optax's MaskedNode for a frozen weight's moments)
             names = logical_names(node)
             shape = node.get_value().shape
             spec = logical_to_spec(names, shape, mesh, rules) if names and len(names) == len(shape) else P()

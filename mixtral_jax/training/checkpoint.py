@@ -14,8 +14,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from mixtral_jax.config import LoRAConfig
+from mixtral_jax.training import lora
 
-WEIGHTS = "weights"  # {params, model_state}: what fine-tuning and export need
+WEIGHTS = "weights"  # {params, model_state (, adapters)}: what fine-tuning and export need
 TRAINER = "trainer"  # {step, opt_state, rng}: what only resuming needs
 
 
@@ -59,6 +61,16 @@ class Checkpointer:
             step, args=ocp.args.Composite(**{WEIGHTS: ocp.args.StandardRestore(_target(abstract_weights))}))
         return restored[WEIGHTS]
 
+    def restore_merged(self, step: int, abstract_weights: dict, lora_cfg: LoRAConfig, is_moe: bool) -> dict:
+        """{params, model_state} of a checkpoint, LoRA adapters (if the run trained some) merged
+        into the params: what eval, generation, export and `train.init_from` consume."""
+        if lora_cfg.rank == 0:
+            return self.restore_weights(step, abstract_weights)
+        adapters = lora.abstract_adapters(abstract_weights["params"], lora_cfg, is_moe)
+        weights = self.restore_weights(step, {**abstract_weights, "adapters": adapters})
+        return {"params": lora.merge(weights["params"], weights["adapters"], lora_cfg),
+                "model_state": weights["model_state"]}
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -68,7 +80,7 @@ class Checkpointer:
 
 
 def split_state(state: dict) -> tuple[dict, dict]:
-    weights = {k: state[k] for k in ("params", "model_state")}
+    weights = {k: state[k] for k in ("params", "model_state", "adapters") if k in state}
     trainer = {k: v for k, v in state.items() if k not in weights}
     return weights, trainer
 

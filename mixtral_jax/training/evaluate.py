@@ -28,7 +28,8 @@ def load_run_model(run_dir: Path) -> tuple[Transformer, object, int]:
         raise ConfigError(f"{run_dir} has no checkpoint yet")
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
-    weights = checkpointer.restore_weights(step, {"params": params, "model_state": model_state})
+    weights = checkpointer.restore_merged(step, {"params": params, "model_state": model_state},
+                                          cfg.finetune.lora, cfg.model.is_moe)
     checkpointer.close()
     return nnx.merge(graphdef, weights["params"], weights["model_state"]), cfg, step
 

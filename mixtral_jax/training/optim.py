@@ -1,11 +1,15 @@
-"""AdamW with linear warmup and a decay schedule, global-norm clipping, gradient accumulation."""
+"""AdamW with linear warmup and a decay schedule, global-norm clipping, and the fine-tuning
+parameter groups (frozen weights, a separately scaled router learning rate)."""
 
 from __future__ import annotations
 
 import jax
 import optax
 
-from mixtral_jax.config import OptimConfig
+from mixtral_jax.config import FinetuneConfig, OptimConfig
+from mixtral_jax.training.lora import path_name
+
+EXPERT_WEIGHTS = ("ffn.w_gate", "ffn.w_up", "ffn.w_down")
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -35,19 +39,46 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer applied once per (accumulated) step."""
-    chain = []
+def param_group(name: str, freeze: str) -> str:
+    """"train", "router" or "frozen" for a parameter (by its dotted path) under a freeze policy."""
+    is_router = name.endswith("ffn.router")
+    if freeze == "router" and is_router:
+        return "frozen"
+    if freeze == "all_but_experts" and not name.endswith(EXPERT_WEIGHTS):
+        return "frozen"
+    return "router" if is_router else "train"
+
+
+def _adamw(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int,
+                   finetune: FinetuneConfig | None = None) -> optax.GradientTransformation:
+    """The optimizer applied once per (accumulated) step.
+
+    With a freeze policy, frozen gradients are zeroed before clipping (so they do not shrink
+    the trainable ones' clip factor) and frozen weights get no AdamW moments at all; the
+    router gets `optim.lr x finetune.router_lr_scale` on the same schedule shape.
+    """
+    schedule = learning_rate_schedule(cfg, total_steps)
+    finetune = finetune or FinetuneConfig()
+    freeze, scale = finetune.freeze, finetune.router_lr_scale
+    if finetune.lora.rank > 0 or (freeze == "none" and scale == 1.0):  # LoRA: every adapter trains alike
+        chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+        return optax.chain(*chain, _adamw(cfg, schedule))
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path_name(path), freeze), params)
+
+    def frozen(params):
+        return jax.tree.map(lambda group: group == "frozen", labels(params))
+
+    chain = [optax.masked(optax.set_to_zero(), frozen)]
     if cfg.clip_norm > 0:
         chain.append(optax.clip_by_global_norm(cfg.clip_norm))
-    chain.append(
-        optax.adamw(
-            learning_rate_schedule(cfg, total_steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
-        )
-    )
+    groups = {"train": _adamw(cfg, schedule),
+              "router": _adamw(cfg, lambda step: scale * schedule(step)),
+              "frozen": optax.set_to_zero()}
+    chain.append(optax.multi_transform(groups, labels))
     return optax.chain(*chain)

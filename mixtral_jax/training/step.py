@@ -10,11 +10,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mixtral_jax.config import Config
+from mixtral_jax.config import Config, LoRAConfig
 from mixtral_jax.models.moe import update_router_biases
+from mixtral_jax.training import lora
 
 Batch = dict[str, jax.Array]
-TrainState = dict[str, Any]  # {step, params, model_state, opt_state, rng}
+TrainState = dict[str, Any]  # {step, params, model_state, opt_state, rng} (+ adapters with LoRA)
+
+
+def trainable_key(cfg: Config) -> str:
+    """The state entry the optimizer updates: the LoRA adapters, or the weights themselves."""
+    return "adapters" if cfg.finetune.lora.rank > 0 else "params"
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -47,12 +53,14 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
     is_moe = cfg.model.is_moe
 
     use_jitter = is_moe and moe.jitter > 0
+    key_name, lora_cfg = trainable_key(cfg), cfg.finetune.lora
 
-    def microbatch_loss(params, model_state, mb: Batch, total_tokens, key):
+    def microbatch_loss(trainable, params, model_state, mb: Batch, total_tokens, key):
         # Rebuild the non-differentiated variables at this trace level: NNX refuses to merge
         # variables made under an outer trace into a module used by its transforms (nnx.scan).
         model_state = jax.tree.map(lambda v: v, model_state)
-        model = nnx.merge(graphdef, params, model_state)
+        weights = trainable if key_name == "params" else lora.merge(params, trainable, lora_cfg)
+        model = nnx.merge(graphdef, weights, model_state)
         logits, aux = model(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"],
                             router_rng=key if use_jitter else None)
         ce_sum, count = cross_entropy_sums(logits, mb["targets"], mb["loss_mask"])
@@ -65,6 +73,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, model_state = state["params"], state["model_state"]
+        trainable = state[key_name]
+        frozen = None if key_name == "params" else params  # LoRA: the base weights, not differentiated
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
         rng, step_key = jax.random.split(state["rng"])
@@ -72,18 +82,19 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
 
         def accumulate(carry, mb):
             grads, ce_sum, aux_sum = carry
-            (_, (ce, _, aux)), g = grad_fn(params, model_state, mb, total_tokens, mb["key"])
+            (_, (ce, _, aux)), g = grad_fn(trainable, frozen, model_state, mb, total_tokens, mb["key"])
             aux_sum = jax.tree.map(lambda a, b: a + b / accum, aux_sum, aux)
             return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, aux_sum), None
 
-        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        zero_grads = jax.tree.map(jnp.zeros_like, trainable)
         first_mb = jax.tree.map(lambda x: x[0], micro)
-        aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, first_mb, total_tokens, first_mb["key"])[0][1][2])
+        aux_shape = jax.eval_shape(
+            lambda: grad_fn(trainable, frozen, model_state, first_mb, total_tokens, first_mb["key"])[0][1][2])
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
         (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zero_grads, jnp.float32(0.0), zero_aux), micro)
 
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
         lm_loss = ce_sum / total_tokens
         metrics = {
             "loss": lm_loss + moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"],
@@ -99,17 +110,19 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             # Loss-free balancing: nudge each layer's selection bias toward balance, using the
             # load over the whole global batch, outside the gradient.
             model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate)
-        new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
-                         model_state=model_state, rng=rng)
+        new_state = dict(state, step=state["step"] + 1, opt_state=opt_state, model_state=model_state, rng=rng)
+        new_state[key_name] = trainable
         return new_state, metrics
 
     return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
-    """`eval(params, model_state, batch) -> (sum of token losses, token count)`."""
+def make_eval_step(graphdef: nnx.GraphDef, lora_cfg: LoRAConfig | None = None) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """`eval(params, model_state, batch, adapters=None) -> (sum of token losses, token count)`."""
 
-    def eval_step(params, model_state, batch: Batch):
+    def eval_step(params, model_state, batch: Batch, adapters: lora.Adapters | None = None):
+        if adapters is not None:
+            params = lora.merge(params, adapters, lora_cfg)
         model = nnx.merge(graphdef, params, model_state)
         logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
         return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])

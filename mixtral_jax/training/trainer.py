@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mixtral_jax.config import Config, ConfigError, load_config, save_config
+from mixtral_jax.config import Config, ConfigError, LoRAConfig, load_config, save_config
 from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_batches, make_train_iterator
 from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mixtral_jax.models.transformer import Transformer, param_counts
@@ -28,8 +28,9 @@ from mixtral_jax.training.checkpoint import TRAINER, Checkpointer
 from mixtral_jax.training.meter import RunMeter
 from mixtral_jax.training.metrics import MetricsLogger
 from mixtral_jax.training.preemption import StopRequest
-from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
-from mixtral_jax.training.step import TrainState, make_eval_step, make_train_step
+from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer, param_group
+from mixtral_jax.training import lora
+from mixtral_jax.training.step import TrainState, make_eval_step, make_train_step, trainable_key
 
 
 class Trainer:
@@ -76,8 +77,11 @@ class Trainer:
         if step is None:
             raise ConfigError(f"config key 'train.init_from': no checkpoint found under {ckpt_dir}")
         abstract = {k: state[k] for k in ("params", "model_state")}
+        # A LoRA run's checkpoint holds base weights + adapters: start from their merge.
+        source_cfg = load_config(source / "config.yaml") if (source / "config.yaml").is_file() else None
+        lora_cfg = source_cfg.finetune.lora if source_cfg else LoRAConfig()
         try:
-            weights = other.restore_weights(step, abstract)
+            weights = other.restore_merged(step, abstract, lora_cfg, self.cfg.model.is_moe)
         except (ValueError, KeyError) as err:
             raise ConfigError(f"config key 'train.init_from': checkpoint {ckpt_dir}/{step} does not match this "
                               f"model config ({str(err).splitlines()[0][:200]})") from None
@@ -175,7 +179,8 @@ class Trainer:
         if not eval_batches:
             return {}
         data = batch_sharding(self.mesh)
-        totals = [self.eval_step(state["params"], state["model_state"], global_batch(b, data)) for b in eval_batches]
+        totals = [self.eval_step(state["params"], state["model_state"], global_batch(b, data), state.get("adapters"))
+                  for b in eval_batches]
         loss_sum, count = (float(sum(x)) for x in zip(*jax.device_get(totals)))
         loss = loss_sum / max(count, 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -196,6 +201,7 @@ class Trainer:
             "unigram_entropy": entropy,
             "params_total": counts["total"],
             "params_active": counts["active"],
+            "params_trainable": trainable_count(state, self.cfg),
             "compile_s": compile_s,
             **meter.totals(steps),
         }
@@ -207,13 +213,14 @@ def make_init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable[[], 
     def init() -> TrainState:
         model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
         _, params, model_state = nnx.split(model, nnx.Param, ...)
-        return {
-            "step": jnp.asarray(0, jnp.int32),
-            "params": params,
-            "model_state": model_state,
-            "opt_state": tx.init(params),  # moments keep the params' Variables, hence their shardings
-            "rng": jax.random.PRNGKey(cfg.run.seed + 1),
-        }
+        state = {"step": jnp.asarray(0, jnp.int32), "params": params, "model_state": model_state,
+                 "rng": jax.random.PRNGKey(cfg.run.seed + 1)}
+        if cfg.finetune.lora.rank > 0:
+            state["adapters"] = lora.init_adapters(params, cfg.finetune.lora, cfg.model.is_moe,
+                                                   jax.random.PRNGKey(cfg.run.seed + 2))
+        # Moments keep the params' Variables, hence their shardings.
+        state["opt_state"] = tx.init(state[trainable_key(cfg)])
+        return state
 
     return init
 
@@ -226,7 +233,7 @@ def sharded_steps(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTransfo
     data, rep = batch_sharding(mesh), replicated(mesh)
     step_fn = traced_under(mesh, make_train_step(cfg, graphdef, tx, lr_schedule))
     train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, data), out_shardings=(shardings, rep))
-    eval_step = jax.jit(traced_under(mesh, make_eval_step(graphdef)), out_shardings=rep)
+    eval_step = jax.jit(traced_under(mesh, make_eval_step(graphdef, cfg.finetune.lora)), out_shardings=rep)
     return train_step, eval_step
 
 
@@ -250,7 +257,7 @@ class Program:
 def build_program(cfg: Config, mesh: Mesh) -> Program:
     """The one place a config and a mesh become a sharded init and jitted steps (the Trainer
     and the sharding / multi-process tests all use it)."""
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    tx = make_optimizer(cfg.optim, cfg.train.steps, cfg.finetune)
     init_fn = make_init_fn(cfg, tx)
     abstract = jax.eval_shape(init_fn)
     shardings = state_shardings(abstract, mesh)
@@ -260,6 +267,15 @@ def build_program(cfg: Config, mesh: Mesh) -> Program:
     # Each device computes only its own shards: no full copy of the model on one device.
     init_state = jax.jit(init_fn, out_shardings=shardings)
     return Program(abstract, shardings, init_state, train_step, eval_step)
+
+
+def trainable_count(state: dict, cfg: Config) -> int:
+    """Scalars the optimizer updates: adapters under LoRA, else the weights outside frozen groups."""
+    if cfg.finetune.lora.rank > 0:
+        return lora.count(state["adapters"])
+    leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    return sum(int(leaf.size) for path, leaf in leaves
+               if param_group(lora.path_name(path), cfg.finetune.freeze) != "frozen")
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:

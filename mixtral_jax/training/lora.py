@@ -1,0 +1,117 @@
+"""LoRA adapters (Hu et al. 2021) kept beside the frozen base weights, merged functionally.
+
+Adapters live in the train state as `adapters`: a flat dict `"blocks.attn.wq" -> {a, b}`.
+A targeted weight W with stacked leading axes (layers, and experts for MoE FFNs) is read as a
+matrix [in, out] per leading index, and the model sees W + (alpha / rank) * A @ B with
+A [.., in, r] (random) and B [.., r, out] (zero), so training starts exactly at the base model.
+Merging is a pure function of (params, adapters): the train step differentiates only the
+adapters, and export / eval / generation read merged weights (nothing downstream knows LoRA).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from mixtral_jax.config import LoRAConfig
+
+Adapters = dict[str, dict[str, jax.Array]]
+
+# name -> (target group, number of trailing axes that are the matrix's input side).
+# wo maps (heads, head_dim) -> dim; every other weight maps one input axis to the rest.
+_TARGETS = {
+    ("attn", "wq"): ("attention", 1),
+    ("attn", "wk"): ("attention", 1),
+    ("attn", "wv"): ("attention", 1),
+    ("attn", "wo"): ("attention", 2),
+    ("ffn", "w_gate"): ("ffn", 1),
+    ("ffn", "w_up"): ("ffn", 1),
+    ("ffn", "w_down"): ("ffn", 1),
+}
+
+
+def _key_name(entry: Any) -> str:
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    """"blocks.attn.wq" for a pytree path into an nnx State (Variable `value` entries dropped)."""
+    names = [_key_name(p) for p in path]
+    return ".".join(n for n in names if n not in ("value", "raw_value"))
+
+
+def _layout(name: str, ndim: int, is_moe: bool, targets: list[str]) -> tuple[int, int] | None:
+    """(leading stacked axes, input axes) of a targeted weight, or None if not targeted."""
+    parts = tuple(name.split("."))
+    group_in = _TARGETS.get(parts[-2:])
+    if group_in is None:
+        return None
+    group, n_in = group_in
+    if group == "ffn":
+        group = "experts" if is_moe else "mlp"
+    if group not in targets:
+        return None
+    return ndim - n_in - _n_out(parts[-1]), n_in
+
+
+def _n_out(weight: str) -> int:
+    return 2 if weight in ("wq", "wk", "wv") else 1  # (heads, head_dim) or one output axis
+
+
+def _flat_params(params: Any) -> dict[str, jax.Array]:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {path_name(path): leaf for path, leaf in leaves}
+
+
+def init_adapters(params: Any, cfg: LoRAConfig, is_moe: bool, key: jax.Array) -> Adapters:
+    """Fresh adapters for every targeted weight of `params` (arrays or ShapeDtypeStructs).
+    A ~ N(0, 1/in) so the first update's scale does not depend on the width; B = 0."""
+    adapters: Adapters = {}
+    for index, (name, leaf) in enumerate(sorted(_flat_params(params).items())):
+        layout = _layout(name, leaf.ndim, is_moe, cfg.targets)
+        if layout is None:
+            continue
+        lead, n_in = layout
+        shape = tuple(leaf.shape)
+        fan_in = math.prod(shape[lead:lead + n_in])
+        fan_out = math.prod(shape[lead + n_in:])
+        a_key = jax.random.fold_in(key, index)
+        adapters[name] = {
+            "a": jax.random.normal(a_key, (*shape[:lead], fan_in, cfg.rank), jnp.float32) / math.sqrt(fan_in),
+            "b": jnp.zeros((*shape[:lead], cfg.rank, fan_out), jnp.float32),
+        }
+    if not adapters:
+        raise ValueError(f"finetune.lora.targets {cfg.targets} selects no weight of this model")
+    return adapters
+
+
+def delta(adapter: dict[str, jax.Array], shape: tuple[int, ...], scale: float) -> jax.Array:
+    """scale * A @ B reshaped to the base weight's shape (float32)."""
+    product = jnp.einsum("...ir,...ro->...io", adapter["a"], adapter["b"])
+    return (scale * product).reshape(shape)
+
+
+def merge(params: Any, adapters: Adapters | None, cfg: LoRAConfig) -> Any:
+    """params with W + (alpha / rank) * A @ B on every adapted weight (same structure, dtypes)."""
+    if not adapters:
+        return params
+    scale = cfg.alpha / cfg.rank
+
+    def one(path: tuple[Any, ...], leaf: jax.Array) -> jax.Array:
+        adapter = adapters.get(path_name(path))
+        if adapter is None:
+            return leaf
+        return (leaf.astype(jnp.float32) + delta(adapter, leaf.shape, scale)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def count(adapters: Adapters) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(adapters))
+
+
+def abstract_adapters(abstract_params: Any, cfg: LoRAConfig, is_moe: bool) -> Any:
+    """Adapter shapes without allocating (restore targets)."""
+    return jax.eval_shape(lambda: init_adapters(abstract_params, cfg, is_moe, jax.random.PRNGKey(0)))
