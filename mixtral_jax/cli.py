@@ -34,6 +34,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mixtral_jax.generate import generate_text, load_tokenizer
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    prompt_ids = None
+    if args.chat:
+        from mixtral_jax.data.instruct import chat_prompt_ids
+
+        tokenizer = load_tokenizer(run_dir, load_config(run_dir / "config.yaml"))
+        prompt_ids = chat_prompt_ids(tokenizer, args.prompt, system=args.system)
+    text = generate_text(run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_ids=prompt_ids)
+    print(text if args.chat else args.prompt + text)
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from mixtral_jax.models.transformer import param_counts
@@ -165,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's train.eval_batches)")
     evaluate.set_defaults(func=cmd_eval)
 
+    gen = verbs.add_parser(
+        "generate", help="continue a prompt with a run's latest weights (KV cache; rolling under a sliding window)",
+        description="Prefill the prompt, then decode token by token until EOS or --max-new-tokens. Prints the "
+                    "prompt followed by the continuation (with --chat: the reply only).")
+    gen.add_argument("--run", required=True, help="run directory (runs/NAME), trained or imported")
+    gen.add_argument("--prompt", required=True, help="text to continue (with --chat: the user message)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this much mass (1 = all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the Mistral instruct template "
+                                                         "([INST] ... [/INST])")
+    gen.add_argument("--system", help="with --chat: a system message placed before the user message")
+    gen.set_defaults(func=cmd_generate)
+
     params = verbs.add_parser("params", help="parameter counts per component and, with --mesh, memory per device; "
                                              "nothing allocated")
     params.add_argument("--config", required=True, help="YAML file or preset name (e.g. mixtral_8x7b)")
@@ -197,11 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_cost)
 
     import_hf = verbs.add_parser(
-        "import-hf", help="convert a Hugging Face Mistral / Mixtral directory into a run directory",
-        description="Read config.json + *.safetensors (single or sharded) and write RUN/config.yaml, a step-0 "
-                    "weights checkpoint and RUN/tokenizer.model (if DIR has one). Use the run with eval, "
-                    "export-hf or train.init_from=RUN.")
-    import_hf.add_argument("dir", metavar="DIR", help="Hugging Face model directory (e.g. from save_pretrained)")
+        "import-hf", help="convert a Mistral / Mixtral checkpoint (Hugging Face or original release layout) "
+                          "into a run directory",
+        description="DIR is either a Hugging Face directory (config.json + *.safetensors, single or sharded) or "
+                    "Mistral's original release (params.json + consolidated.safetensors or consolidated.NN.pth, "
+                    "read with weights_only=True). Writes RUN/config.yaml, a step-0 weights checkpoint and "
+                    "RUN/tokenizer.model (if DIR has one). Use the run with eval, generate, export-hf or "
+                    "train.init_from=RUN.")
+    import_hf.add_argument("dir", metavar="DIR", help="model directory (save_pretrained output or a raw Mistral release)")
     import_hf.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have "
                                                                       "no checkpoints")
     import_hf.set_defaults(func=cmd_import_hf)

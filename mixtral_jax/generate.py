@@ -126,7 +126,10 @@ def generate(
     """
     if not prompt_ids:
         raise ValueError("generate needs a non-empty prompt (start it with the BOS id)")
-    if max_new_tokens <= 0:
+    if max_new_tokens < 0 or top_k < 0 or not 0 < top_p <= 1 or temperature < 0:
+        raise ValueError(f"need max_new_tokens >= 0, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                         f"{max_new_tokens}, {temperature}, {top_k}, {top_p}")
+    if max_new_tokens == 0:
         return []
     length = cache_length(model, len(prompt_ids), max_new_tokens, max_len)
     graphdef, state = nnx.split(model)

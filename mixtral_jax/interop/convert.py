@@ -1,4 +1,8 @@
-"""HF directory <-> run directory (`mixtral-jax import-hf` / `export-hf`).
+"""HF or original Mistral directory <-> run directory (`mixtral-jax import-hf` / `export-hf`).
+
+Import reads either layout, told apart by its config file: an HF directory (config.json +
+*.safetensors, see hf.py) or an original Mistral release (params.json + consolidated weights, see
+mistral_format.py). Export always writes the HF layout.
 
 An imported run is an ordinary run directory (config.yaml + orbax checkpoint + tokenizer.model)
 so everything that reads runs works on it unchanged: `eval`, `generate`, `export-hf`, and
@@ -16,7 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mixtral_jax.config import Config, DataConfig, ModelConfig, RunConfig, load_config, save_config, validate
-from mixtral_jax.interop import hf
+from mixtral_jax.interop import hf, mistral_format
 from mixtral_jax.training.checkpoint import WEIGHTS, Checkpointer
 
 TOKENIZER = "tokenizer.model"
@@ -42,24 +46,33 @@ def run_config(model_cfg: ModelConfig, run_dir: Path) -> Config:
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
-    """Convert an HF Mistral / Mixtral directory into a run directory; returns run_dir.
+    """Convert a Mistral / Mixtral directory into a run directory; returns run_dir.
 
-    Writes run_dir/config.yaml, a step-0 checkpoint of the weights under run_dir/checkpoints,
-    and copies tokenizer.model when the HF directory has one. Refuses a run_dir that already
-    has checkpoints (that would mix an imported model into a trained run's history).
+    The layout is detected: config.json means Hugging Face (wins when both files are present,
+    as in hub repos that also carry the raw release, since that path is the one HF users expect);
+    params.json means the original mistral-inference release (consolidated.safetensors or
+    consolidated.NN.pth). Writes run_dir/config.yaml, a step-0 checkpoint of the weights under
+    run_dir/checkpoints, and copies tokenizer.model when the source directory has one. Refuses a
+    run_dir that already has checkpoints (that would mix an imported model into a trained run's
+    history).
     """
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     # Cheap checks first: loading a large checkpoint only to fail on the destination wastes minutes.
     if not hf_dir.is_dir():
-        raise FileNotFoundError(f"HF model directory not found: {hf_dir}")
-    if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{hf_dir} has no config.json (not a Hugging Face model directory)")
+        raise FileNotFoundError(f"model directory not found: {hf_dir}")
+    if (hf_dir / "config.json").is_file():
+        layout, loader = "hf", hf.load
+    elif (hf_dir / mistral_format.PARAMS).is_file():
+        layout, loader = "mistral", mistral_format.load
+    else:
+        raise FileNotFoundError(f"{hf_dir} has neither config.json (Hugging Face layout) nor "
+                                f"{mistral_format.PARAMS} (original Mistral layout)")
     if _has_checkpoints(run_dir):
         raise ValueError(f"{run_dir} already has checkpoints; choose a new --out run directory")
     if not run_dir.name or run_dir.name == "..":
         raise ValueError(f"--out {run_dir}: give a run directory such as runs/NAME")
 
-    model, model_cfg = hf.load(hf_dir)
+    model, model_cfg = loader(hf_dir)
     cfg = run_config(model_cfg, run_dir)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +83,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     # item alone (plus provenance in `meta`) through the same manager, names and directory layout.
     checkpointer.manager.save(0, args=ocp.args.Composite(**{
         WEIGHTS: ocp.args.StandardSave(weights),
-        "meta": ocp.args.JsonSave({"imported_from": str(hf_dir.resolve()), "format": "hf"}),
+        "meta": ocp.args.JsonSave({"imported_from": str(hf_dir.resolve()), "format": layout}),
     }), force=True)
     checkpointer.close()
 

@@ -253,11 +253,17 @@ def state_to_hf(model_or_params: nnx.Module | nnx.State, cfg: ModelConfig) -> di
 
 
 class _SafetensorsDir(Mapping[str, np.ndarray]):
-    """Lazy name -> numpy tensor view of a directory's *.safetensors (sharded or single)."""
+    """Lazy name -> numpy tensor view of a directory's *.safetensors (sharded or single).
 
-    def __init__(self, path: Path):
+    files, when given, restricts it to those files: the original Mistral layout reads only
+    consolidated*.safetensors, which can sit beside an HF export's shards in one directory.
+    """
+
+    def __init__(self, path: Path, files: list[Path] | None = None):
         index = path / "model.safetensors.index.json"
-        if index.is_file():
+        if files is not None:
+            files = sorted(files)
+        elif index.is_file():
             files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
         else:
             files = sorted(path.glob("*.safetensors"))
