@@ -26,6 +26,7 @@ REMAT = ("none", "full", "dots_saveable")
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("off", "offline", "online")
 AUX_LOSS_SCOPES = ("batch", "sequence")
+NONFINITE_POLICIES = ("skip", "stop")
 FREEZE = ("none", "router", "all_but_experts")
 LORA_TARGETS = ("attention", "experts", "mlp")
 
@@ -139,6 +140,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     init_from: Optional[str] = None
+    on_nonfinite: str = "skip"  # skip: drop the update, count it, go on | stop: stop at the first bad step
+    max_consecutive_nonfinite: int = 10  # skip policy: stop after this many bad steps in a row
 
 
 @dataclass
@@ -399,6 +402,8 @@ def validate(cfg: Config) -> None:
         _require(getattr(t, key) > 0, f"train.{key}", "must be positive")
     _require(t.eval_batches >= 0, "train.eval_batches", "must be >= 0")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _choice(t.on_nonfinite, NONFINITE_POLICIES, "train.on_nonfinite")
+    _require(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", "must be >= 1")
     _validate_finetune(cfg)
     for key in ("data", "fsdp", "expert", "tensor"):
         value = getattr(cfg.mesh, key)
