@@ -6,6 +6,8 @@
   tfds:NAME[/CONFIG]     any prepared tfds dataset, read with `tfds.data_source`
   jsonl:PATH             a JSON-lines file or glob; the text is in field `data.text_key`
   text:DIR               every UTF-8 text file under DIR
+  instruct:PATH          JSON-lines conversations (prompt/response or messages); its documents
+                         are conversations, tuples of (role, content), not strings (instruct.py)
 
 Everything is read through `tfds.data_source` / plain Python, so TensorFlow is never imported.
 """
@@ -28,6 +30,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mixtral_jax.config import DataConfig
+from mixtral_jax.data import instruct
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,10 @@ def is_validation_key(key: str | bytes) -> bool:
 
 
 class Documents(Sequence[str]):
-    """A random-access view of documents: `len(docs)`, `docs[i] -> str`.
+    """A random-access view of documents: `len(docs)`, `docs[i] -> str` (for instruct
+    sources a conversation: a tuple of (role, content) pairs).
 
-    Wraps either an in-memory list of strings or a tfds data source (whose records are
+    Wraps either an in-memory list of strings / conversations or a tfds data source (whose records are
     dicts; the text is under `text_key`), optionally restricted to a subset of indices.
     """
 
@@ -85,6 +89,8 @@ class Documents(Sequence[str]):
             raise IndexError(index)
         index = int(index) % len(self)
         record = self._base[int(self._indices[index]) if self._indices is not None else index]
+        if isinstance(record, tuple):  # an instruct conversation, kept structured
+            return record
         if self._key is not None:
             record = record[self._key]
         if isinstance(record, np.ndarray):  # tfds may hand back 0-d object arrays
@@ -249,12 +255,14 @@ def _tfds_source(spec: str, text_key: str, split: str) -> Documents:
 # ---------------------------------------------------------------- jsonl:PATH and text:DIR
 
 
-def _split_by_content(docs: list[str], split: str, name: str) -> Documents:
-    """Hash split on document content (duplicates land on the same side). With two or more
-    documents each side gets at least one, so training and evaluation always have data."""
-    held = [is_validation_key(d) for d in docs]
+def _split_by_content(docs: list, split: str, name: str, keys: list[str] | None = None) -> Documents:
+    """Hash split on document content, or on `keys` (one string per document) for documents
+    that are not strings (duplicates land on the same side). With two or more documents each
+    side gets at least one, so training and evaluation always have data."""
+    keys = docs if keys is None else keys
+    held = [is_validation_key(k) for k in keys]
     if len(docs) >= 2 and (all(held) or not any(held)):
-        digests = [hashlib.blake2b(d.encode("utf-8", "surrogatepass"), digest_size=8).digest() for d in docs]
+        digests = [hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest() for k in keys]
         if not any(held):
             held[min(range(len(docs)), key=digests.__getitem__)] = True
         else:  # tiny corpora: keep at least one training document as well
@@ -328,7 +336,7 @@ def source_fingerprint(cfg: DataConfig) -> str:
     kind, _, arg = cfg.source.partition(":")
     if cfg.source == "python_source":
         return f"python_source/{PYTHON_SOURCE_CONFIG}"
-    if kind in ("jsonl", "text"):
+    if kind in ("jsonl", "text", "instruct"):
         return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}#{cfg.text_key}"
     return f"{cfg.source}#{cfg.text_key}"
 
@@ -346,5 +354,14 @@ def load_documents(cfg: DataConfig, split: str) -> Documents:
         return _split_by_content(_read_jsonl(arg, cfg.text_key), split, cfg.source)
     if kind == "text" and arg:
         return _split_by_content(_read_text_dir(arg), split, cfg.source)
+    if kind == "instruct" and arg:
+        conversations = instruct.read_instruct_jsonl(arg)
+        keys = [instruct.conversation_key(c) for c in conversations]
+        return _split_by_content(conversations, split, cfg.source, keys)
     raise ValueError(f"data.source '{cfg.source}' must be python_source, tfds:NAME[/CONFIG], "
-                     "jsonl:PATH or text:DIR")
+                     "jsonl:PATH, text:DIR or instruct:PATH")
+
+
+def document_text(document: instruct.Document) -> str:
+    """A document as text: itself, or a conversation's template text (for tokenizer training)."""
+    return instruct.render_text(document)

@@ -18,7 +18,9 @@ Batches are numpy dicts, B = this process's rows, T = seq_len:
   segment_ids       int32[B, T]    1, 2, ... per document piece within a row; 0 = padding
   positions         int32[B, T]    0 at each piece's first token (RoPE positions)
   loss_mask         float32[B, T]  1 where the target is in the input's document (EOS
-                                   included), 0 across a document boundary and on padding
+                                   included), 0 across a document boundary and on padding;
+                                   for instruct conversations also 0 unless the target is a
+                                   response token or its EOS (see instruct.py)
 Attention should be causal within equal, non-zero segment_ids.
 
 Iterator state (`it.get_state()`) is a small JSON-serialisable dict: per stream, the grain
@@ -38,6 +40,7 @@ import numpy as np
 
 from mixtral_jax.config import DataConfig
 from mixtral_jax.data.corpus import load_documents
+from mixtral_jax.data.instruct import Document, encode_document, split_encoded, target_ids
 from mixtral_jax.data.tokenizer import Tokenizer, unigram_entropy
 
 log = logging.getLogger(__name__)
@@ -46,14 +49,14 @@ EVAL_SEED = 0  # held-out batches never depend on the run seed
 
 
 class _Encode:
-    """Document -> int32 [BOS, ..., EOS]. A class (not a lambda) so it pickles to workers."""
+    """Text -> int32 [BOS, ..., EOS]; conversation -> {"tokens", "target_mask"}. A class
+    (not a lambda) so it pickles to workers."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, text: str) -> np.ndarray:
-        tok = self.tokenizer
-        return np.asarray([tok.bos_id, *tok.encode(text), tok.eos_id], np.int32)
+    def __call__(self, document: Document) -> np.ndarray | dict[str, np.ndarray]:
+        return encode_document(self.tokenizer, document)
 
 
 # ---------------------------------------------------------------- packing
@@ -63,7 +66,9 @@ class PackIterDataset(grain.IterDataset):
     """Token arrays -> rows of exactly `length` tokens with per-row segment ids (1, 2, ...)
     and positions restarting at 0 for every segment (also for the continuation of a document
     split across rows, which keeps positions < length). With `concat=False` a row never holds
-    two documents (its tail is padded). A finite parent's last row is padded."""
+    two documents (its tail is padded). A finite parent's last row is padded. A parent item
+    may also be {"tokens", "target_mask"}; rows carry "target_mask" (bool, True = the token
+    may be a target; all True for plain token arrays, False on padding)."""
 
     def __init__(self, parent: grain.IterDataset, length: int, concat: bool = True):
         super().__init__(parent)
@@ -83,13 +88,14 @@ class _PackIterator(grain.DatasetIterator):
         self._length = length
         self._concat = concat
         self._head: np.ndarray | None = None  # the document being cut into rows
+        self._head_mask: np.ndarray | None = None  # its target mask; None = all targets
         self._head_state = copy.deepcopy(parent.get_state())  # parent state before _head
         self._offset = 0  # tokens of _head already emitted
 
     def _next_document(self) -> bool:
         self._head_state = copy.deepcopy(self._parent.get_state())
         try:
-            self._head = next(self._parent)
+            self._head, self._head_mask = split_encoded(next(self._parent))
         except StopIteration:
             self._head = None
             return False
@@ -100,6 +106,7 @@ class _PackIterator(grain.DatasetIterator):
         tokens = np.zeros(self._length, np.int32)
         segments = np.zeros(self._length, np.int32)
         positions = np.zeros(self._length, np.int32)
+        targets = np.zeros(self._length, bool)
         filled = segment = 0
         while filled < self._length:
             if self._head is None or self._offset >= len(self._head):
@@ -111,11 +118,14 @@ class _PackIterator(grain.DatasetIterator):
             tokens[filled:filled + take] = self._head[self._offset:self._offset + take]
             segments[filled:filled + take] = segment
             positions[filled:filled + take] = np.arange(take)
+            targets[filled:filled + take] = (True if self._head_mask is None else
+                                             self._head_mask[self._offset:self._offset + take])
             filled += take
             self._offset += take
         if filled == 0:
             raise StopIteration
-        return {"tokens": tokens, "segment_ids": segments, "positions": positions}
+        return {"tokens": tokens, "segment_ids": segments, "positions": positions,
+                "target_mask": targets}
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": copy.deepcopy(self._head_state), "offset": self._offset,
@@ -127,7 +137,7 @@ class _PackIterator(grain.DatasetIterator):
         self._head_state = copy.deepcopy(state["parent"])
         self._head, self._offset = None, 0
         if state["has_head"]:
-            self._head = next(self._parent)
+            self._head, self._head_mask = split_encoded(next(self._parent))
             self._offset = int(state["offset"])
 
 
@@ -175,7 +185,8 @@ class _RoundRobinIterator(grain.DatasetIterator):
             except StopIteration:
                 self._done[index] = True
         zeros = np.zeros(self._length, np.int32)
-        return {"tokens": zeros, "segment_ids": zeros.copy(), "positions": zeros.copy()}
+        return {"tokens": zeros, "segment_ids": zeros.copy(), "positions": zeros.copy(),
+                "target_mask": np.zeros(self._length, bool)}
 
     def get_state(self) -> dict[str, Any]:
         return {"streams": [p.get_state() for p in self._parents], "next": self._next,
@@ -193,15 +204,16 @@ class _RoundRobinIterator(grain.DatasetIterator):
 
 def _to_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stacked (b, T+1) rows -> model inputs. A target counts only if it is in the same
-    document as its input: EOS is predicted, the next document's BOS is not."""
+    document as its input (EOS is predicted, the next document's BOS is not) and its
+    target_mask is set (instruct data: prompt tokens are context, never targets)."""
     tokens, seg = rows["tokens"], rows["segment_ids"]
-    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+    counted = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0) & rows["target_mask"][:, 1:]
     return {
         "inputs": np.ascontiguousarray(tokens[:, :-1], np.int32),
         "targets": np.ascontiguousarray(tokens[:, 1:], np.int32),
         "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
         "positions": np.ascontiguousarray(rows["positions"][:, :-1], np.int32),
-        "loss_mask": same_doc.astype(np.float32),
+        "loss_mask": counted.astype(np.float32),
     }
 
 
@@ -231,7 +243,7 @@ def _workers(requested: int, rows: int) -> int:
     return max(w for w in range(1, min(requested, rows) + 1) if rows % w == 0)
 
 
-def _build(docs: Sequence[str], tokenizer: Tokenizer, cfg: DataConfig, *, seed: int, train: bool,
+def _build(docs: Sequence[Document], tokenizer: Tokenizer, cfg: DataConfig, *, seed: int, train: bool,
            rows: range, streams: int, num_workers: int = 0) -> grain.IterDataset:
     """Rows `rows` of the `streams` row streams, batched one round (len(rows)) at a time."""
     if len(docs) == 0:
@@ -344,14 +356,14 @@ def make_eval_batches(cfg: DataConfig, tokenizer: Tokenizer, num_batches: int, *
 
 def heldout_unigram_entropy(cfg: DataConfig, tokenizer: Tokenizer, max_tokens: int = 1_000_000) -> float:
     """Unigram entropy (nats/token) of up to `max_tokens` of the validation split (documents
-    in the eval order, BOS excluded as it is never a target): the loss of the best
-    context-free predictor on held-out text. Measure it on the split, not on a few eval
+    in the eval order; only target tokens: no BOS, no instruct prompts): the loss of the
+    best context-free predictor on held-out text. Measure it on the split, not on a few eval
     batches: with far fewer tokens than vocabulary entries the estimate is biased low."""
     docs = load_documents(cfg, "validation")
     order = grain.MapDataset.range(len(docs)).shuffle(seed=EVAL_SEED)
     chunks, total = [], 0
     for index in order:
-        ids = tokenizer.encode(docs[int(index)]) + [tokenizer.eos_id]
+        ids = target_ids(tokenizer, docs[int(index)])
         chunks.append(np.asarray(ids[: max_tokens - total], np.int64))
         total += len(chunks[-1])
         if total >= max_tokens:

@@ -9,6 +9,7 @@ training sentences so merges such as a docstring quote + newline are learned.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -115,6 +116,21 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
 
+    @functools.cached_property
+    def adds_dummy_prefix(self) -> bool:
+        """Whether encode() prepends "▁" to its text (Mistral's own models do; ours do not).
+        Read off an encoding: the normalizer spec is not exposed by the processor."""
+        pieces = self._sp.encode("a", out_type=str)
+        return bool(pieces) and pieces[0].startswith("\u2581")
+
+    def piece_id(self, piece: str) -> int | None:
+        """The id of `piece` if the vocabulary has it as one piece (e.g. a control or
+        user-defined "[INST]"), else None (sentencepiece itself answers unk for unknowns)."""
+        token_id = self._sp.piece_to_id(piece)
+        if self._sp.is_unknown(token_id) and piece != self._sp.id_to_piece(token_id):
+            return None
+        return int(token_id)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file (e.g. into a run directory) and remember it as `path`."""
         path = Path(path)
@@ -149,7 +165,8 @@ def _training_sentences(documents: Sequence[str], max_bytes: int) -> Iterator[st
     for index in order:
         chunk: list[str] = []
         size = 0
-        for line in documents[int(index)].splitlines(keepends=True):
+        # Instruct sources hold conversations: train on their template text.
+        for line in corpus.document_text(documents[int(index)]).splitlines(keepends=True):
             if size + len(line) > SENTENCE_CHARS and chunk:
                 piece = "".join(chunk)
                 total += len(piece.encode("utf-8", "surrogatepass"))
