@@ -135,3 +135,72 @@ def test_lora_targets_select_weights():
 def test_finetune_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/quickstart.yaml", [*TINY, *overrides])
+
+
+# ---------------------------------------------------------------- instruction fine-tuning, end to end
+
+SMALL = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+    "model.hidden_dim=128", "model.sliding_window=32", "data.seq_len=64", "data.batch_size=8",
+    "optim.warmup_steps=5", "optim.lr=3e-3", "logging.progress=false", "logging.wandb=off", "train.eval_batches=1",
+]
+CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Peru": "Lima", "Kenya": "Nairobi", "Chile": "Santiago",
+            "Egypt": "Cairo", "Norway": "Oslo", "Cuba": "Havana", "Italy": "Rome", "Spain": "Madrid"}
+
+
+def _instruct_jsonl(path):
+    import json
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(300):
+        country = rng.choice(sorted(CAPITALS))
+        prompt = f"Request {i}: name the capital of {country}."
+        response = f"The capital of {country} is {CAPITALS[country]}."
+        record = ({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+                  if i % 5 == 0 else {"prompt": prompt, "response": response})
+        lines.append(json.dumps(record))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_instruction_finetune_lowers_masked_loss_and_ignores_prompt_tokens(tmp_path, corpus_cache):
+    from mixtral_jax.data.pipeline import make_train_iterator
+    from mixtral_jax.data.tokenizer import Tokenizer
+    from mixtral_jax.training.metrics import read_metrics
+    from mixtral_jax.training.step import make_eval_step
+    from mixtral_jax.training.trainer import Trainer
+    from mixtral_jax.training.evaluate import load_run_model
+    from flax import nnx
+
+    base = ["configs/quickstart.yaml", [f"run.out_dir={tmp_path}", *SMALL]]
+    pretrained = Trainer(load_config(base[0], [*base[1], "run.name=pre", "train.steps=10"]))
+    pretrained.fit()
+    data = _instruct_jsonl(tmp_path / "capitals.jsonl")
+    cfg = load_config(base[0], [*base[1], "run.name=sft", "train.steps=40", "train.log_every=1",
+                                f"train.init_from={pretrained.run_dir}", f"data.source=instruct:{data}",
+                                f"data.tokenizer.path={pretrained.run_dir / 'tokenizer.model'}",
+                                "finetune.router_lr_scale=0.1"])
+    Trainer(cfg).fit()
+    losses = [r["lm_loss"] for r in read_metrics(cfg.run_dir) if "lm_loss" in r]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses  # the masked (response-only) loss
+
+    # Prompt tokens contribute nothing: rewriting every target outside the mask leaves the loss
+    # unchanged, rewriting one response target changes it.
+    tokenizer = Tokenizer.from_file(cfg.run_dir / "tokenizer.model")
+    batch = next(make_train_iterator(cfg.data, tokenizer, seed=0))
+    mask = batch["loss_mask"] > 0
+    assert 0 < mask.mean() < 0.8
+    model, _, _ = load_run_model(cfg.run_dir)
+    graphdef, params, state = nnx.split(model, nnx.Param, ...)
+    eval_step = jax.jit(make_eval_step(graphdef))
+    loss = lambda b: float(eval_step(params, state, b)[0]) / float(b["loss_mask"].sum())  # noqa: E731
+    reference = loss(batch)
+    scrambled = dict(batch, targets=np.where(mask, batch["targets"], (batch["targets"] + 7) % 64))
+    assert loss(scrambled) == pytest.approx(reference, rel=1e-6)
+    one = batch["targets"].copy()
+    row, col = map(int, np.argwhere(mask)[0])
+    one[row, col] = (one[row, col] + 7) % cfg.model.vocab_size
+    assert abs(loss(dict(batch, targets=one)) - reference) > 1e-4
