@@ -58,6 +58,7 @@ def test_logit_parity(saved):
     ref, ours = _hf_logits(hf_model, tokens), _our_logits(model, tokens)
     assert ours.shape == ref.shape == (2, SEQ, 256)
     assert np.max(np.abs(ours - ref)) <= 1e-4
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(tokens)).logits), ours)  # HF-style `.logits`
     # The window matters for these shapes: without it the late positions' logits differ.
     cfg.sliding_window = None
     unwindowed = nnx.merge(hf._abstract_params(cfg)[0], nnx.state(model, nnx.Param))

@@ -3,7 +3,7 @@ a KV-cached decode path for generation, and parameter counting without allocatio
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,13 @@ class Block(nnx.Module):
         return x + y.astype(x.dtype), cache
 
 
+class ModelOutput(NamedTuple):
+    """`logits, aux = model(tokens)` unpacks it; `model(tokens).logits` reads like HF's outputs."""
+
+    logits: jax.Array
+    aux: dict[str, jax.Array]
+
+
 class Transformer(nnx.Module):
     """tokens [B, T] -> (logits [B, T, vocab] float32, aux).
 
@@ -113,7 +120,7 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None = None,
         router_rng: jax.Array | None = None,
         capture_routing: bool = False,
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    ) -> ModelOutput:
         """router_rng: a key for MoE router jitter (training, fresh per step), split per layer;
         None (eval, generation) = no noise. capture_routing (MoE): aux also holds `top_experts`
         [n_layers, B, T, k], every layer's expert choice per token."""
@@ -155,7 +162,7 @@ class Transformer(nnx.Module):
             aux["dropped_fraction"] = jnp.mean(stats["dropped_fraction"])
             if capture_routing:
                 aux["top_experts"] = stats["top_experts"]
-        return logits.astype(jnp.float32), aux
+        return ModelOutput(logits.astype(jnp.float32), aux)
 
     def _head(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: residual stream [B, T, dim] -> logits [B, T, V]."""
