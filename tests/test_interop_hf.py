@@ -147,3 +147,18 @@ def test_sharded_checkpoint(saved, tmp_path):
     a, b = _params(single), _params(sharded)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
+
+
+def test_load_places_weights_sharded_over_a_mesh(saved):
+    """With a mesh, every parameter is put on its FSDP shards as it is read (no gathered copy);
+    the model computes the same logits."""
+    from meshes import mesh_of
+
+    kind, hf_model, path = saved
+    model, cfg = hf.load(path)
+    sharded, _ = hf.load(path, mesh=mesh_of({"fsdp": 4}))
+    embed = nnx.state(sharded, nnx.Param)["embed"].get_value()
+    assert len(embed.sharding.device_set) == 4
+    assert embed.addressable_shards[0].data.shape[1] == embed.shape[1] // 4  # model dim split 4 ways
+    tokens = _tokens()
+    np.testing.assert_allclose(_our_logits(sharded, tokens), _our_logits(model, tokens), atol=1e-5)

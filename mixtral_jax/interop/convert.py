@@ -19,8 +19,11 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mixtral_jax.config import Config, DataConfig, ModelConfig, RunConfig, load_config, save_config, validate
-from mixtral_jax.interop import hf, mistral_format
+from mixtral_jax.config import (Config, DataConfig, MeshConfig, ModelConfig, RunConfig, load_config, save_config,
+                                validate)
+from mixtral_jax.interop import hf
+from mixtral_jax.interop import mistral_format
+from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.training.checkpoint import WEIGHTS, Checkpointer
 
 TOKENIZER = "tokenizer.model"
@@ -72,7 +75,9 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     if not run_dir.name or run_dir.name == "..":
         raise ValueError(f"--out {run_dir}: give a run directory such as runs/NAME")
 
-    model, model_cfg = loader(hf_dir)
+    # Every parameter goes to its shards over all local devices as it is read (FSDP layout), so
+    # no device (and on accelerators, no host) ever holds the whole model twice.
+    model, model_cfg = loader(hf_dir, mesh=make_mesh(MeshConfig(data=1, fsdp=-1)))
     cfg = run_config(model_cfg, run_dir)
 
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,16 +20,19 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
+from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
 from mixtral_jax.config import DTYPES, ModelConfig, MoEConfig
 from mixtral_jax.models.routing import RouterBias
 from mixtral_jax.models.transformer import Transformer
+from mixtral_jax.parallel.rules import state_shardings
 
 ARCHITECTURES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
 _REQUIRED = object()
@@ -183,13 +186,16 @@ def _abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
     return nnx.split(abstract, nnx.Param, ...)
 
 
-def state_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> nnx.State:
+def state_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, mesh: Mesh | None = None) -> nnx.State:
     """HF tensors (a dict, or the lazy reader `load` uses) -> our nnx.Param state for cfg.
 
     Each stacked parameter is filled layer by layer into one preallocated numpy array, then
-    moved to a jax array before the next one is built, so at most one parameter is held twice.
+    moved to jax before the next one is built, so at most one parameter is held twice. With a
+    mesh each parameter goes straight to its shards under the logical-axis rules (FSDP / expert),
+    so the model is spread over the devices as it is read rather than gathered on one.
     """
     _, params, _ = _abstract_params(cfg)
+    shardings = dict(nnx.to_flat_state(state_shardings(params, mesh))) if mesh is not None else {}
     getters = _layer_getters(cfg, tensors)
     top: dict[tuple[str, ...], Callable[[], np.ndarray]] = {
         ("embed",): lambda: tensors["model.embed_tokens.weight"],
@@ -211,7 +217,8 @@ def state_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> nnx.St
             raise ValueError(f"HF weights lack tensor {err} (needed for {'/'.join(path)})") from None
         if value.shape != shape:
             raise ValueError(f"{'/'.join(path)}: HF weights give shape {value.shape}, config expects {shape}")
-        flat.append((key, var.replace(jnp.asarray(value))))
+        placed = jax.device_put(value, shardings[key].get_value()) if key in shardings else jnp.asarray(value)
+        flat.append((key, var.replace(placed)))
         del value
     return nnx.from_flat_state(flat)
 
@@ -293,17 +300,18 @@ class _SafetensorsDir(Mapping[str, np.ndarray]):
         return len(self._where)
 
 
-def load(path: str | Path, dtype: str | None = None) -> tuple[Transformer, ModelConfig]:
+def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[Transformer, ModelConfig]:
     """An HF checkpoint directory (config.json + safetensors) -> (our Transformer, its config).
 
-    dtype overrides the compute and parameter dtype (default: the checkpoint's `dtype`).
+    dtype overrides the compute and parameter dtype (default: the checkpoint's `dtype`); with a
+    mesh the weights are placed sharded over it as they are read.
     """
     path = Path(path)
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     if dtype is not None:
         cfg.dtype = cfg.param_dtype = dtype
     graphdef, _, rest = _abstract_params(cfg)
-    params = state_from_hf(_SafetensorsDir(path), cfg)
+    params = state_from_hf(_SafetensorsDir(path), cfg, mesh)
     return nnx.merge(graphdef, params, rest), cfg
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.interop import hf
@@ -181,7 +182,7 @@ class _AsHF(Mapping[str, np.ndarray]):
         return len(self._mapping)
 
 
-def state_from_mistral(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> nnx.State:
+def state_from_mistral(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, mesh: Mesh | None = None) -> nnx.State:
     """Original-layout tensors (a dict, or the lazy reader `open_weights` returns) -> our nnx.Param
     state. Names are checked before any weight is read: a missing or unexpected tensor raises
     ValueError naming it (unexpected ones are e.g. LoRA or vision weights we would drop)."""
@@ -197,7 +198,7 @@ def state_from_mistral(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> n
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise ValueError(f"weights hold unexpected tensor(s) {', '.join(map(repr, unexpected[:5]))}{more}: "
                          "not part of the model params.json describes (LoRA / vision weights are not supported)")
-    return hf.state_from_hf(_AsHF(tensors, mapping), cfg)
+    return hf.state_from_hf(_AsHF(tensors, mapping), cfg, mesh)
 
 
 # ---------------------------------------------------------------- files
@@ -266,10 +267,11 @@ def open_weights(path: str | Path) -> Mapping[str, np.ndarray]:
     return _TorchFiles(files)
 
 
-def load(path: str | Path, dtype: str | None = None) -> tuple[Transformer, ModelConfig]:
+def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[Transformer, ModelConfig]:
     """An original Mistral release directory -> (our Transformer, its config).
 
-    dtype overrides the compute and parameter dtype (default: the weights' own dtype).
+    dtype overrides the compute and parameter dtype (default: the weights' own dtype); with a
+    mesh the weights are placed sharded over it as they are read.
     """
     path = Path(path)
     params_file = path / PARAMS
@@ -287,4 +289,4 @@ def load(path: str | Path, dtype: str | None = None) -> tuple[Transformer, Model
         dtype = _DTYPES[stored]
     cfg = config_from_params(params, dtype)
     graphdef, _, rest = hf._abstract_params(cfg)
-    return nnx.merge(graphdef, state_from_mistral(tensors, cfg), rest), cfg
+    return nnx.merge(graphdef, state_from_mistral(tensors, cfg, mesh), rest), cfg
