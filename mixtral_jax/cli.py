@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -49,6 +52,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = generate_text(run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_ids=prompt_ids)
     print(text if args.chat else args.prompt + text)
+    return 0
+
+
+def _request_host_devices(needed: int) -> None:
+    """Ask XLA for `needed` host CPU devices; only effective before JAX initialises its backend
+    (the `compile` verb calls it first thing). An existing larger count is kept."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    match = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if match and int(match.group(1)) >= needed:
+        return
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={needed}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from mixtral_jax.training.memory import parse_mesh, usable_bytes
+
+    sizes = parse_mesh(args.mesh)
+    if args.device is not None:
+        usable_bytes(args.device)  # an unknown device name fails before the compile
+    _request_host_devices(math.prod(sizes.values()))  # before JAX starts its backend
+    from mixtral_jax.training.aot import compile_report, format_compile_report
+
+    report = compile_report(cfg, sizes)
+    if args.device:
+        report["device"] = args.device
+        report["fits"] = report["xla"]["total"] <= usable_bytes(args.device)
+    print(json.dumps(report, indent=2) if args.json else format_compile_report(report, args.device))
     return 0
 
 
@@ -210,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--json", action="store_true", help="print one JSON object (keys include total, active "
                                                             "and, with --mesh, memory)")
     params.set_defaults(func=cmd_params)
+
+    comp = verbs.add_parser(
+        "compile", help="compile the real train step for a mesh on host CPU devices and report XLA's memory per "
+                        "device (nothing is allocated)",
+        description="Ahead-of-time lowering + compiling of the training step exactly as `train` runs it, from "
+                    "abstract shapes, over MESH host devices: check that a config fits before renting the pod.")
+    comp.add_argument("--config", required=True, help="YAML file or preset name (e.g. pretrain/mixtral_8x7b)")
+    comp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    comp.add_argument("--mesh", required=True, help="target mesh, e.g. fsdp=4,expert=2 (axes data, fsdp, expert, "
+                                                    "tensor; unnamed axes 1)")
+    comp.add_argument("--device", help="say whether it fits one of: a100-40gb, a100, h100, h200, b200, tpu-v4, "
+                                       "tpu-v5e, tpu-v5p, trillium")
+    comp.add_argument("--json", action="store_true", help="print one JSON object (bytes)")
+    comp.set_defaults(func=cmd_compile)
 
     plan = verbs.add_parser(
         "cost", help="FLOPs per token, device-hours and dollars for a token budget, or the tokens some hours buy",

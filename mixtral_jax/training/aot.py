@@ -3,12 +3,16 @@ so a config can be compiled for a mesh to read XLA's own memory analysis before 
 
 from __future__ import annotations
 
+import math
+import time
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
-from mixtral_jax.config import Config
-from mixtral_jax.parallel.mesh import batch_sharding
+from mixtral_jax.config import Config, ConfigError
+from mixtral_jax.parallel.mesh import MESH_AXES, batch_sharding
 from mixtral_jax.training.trainer import Program, build_program
 
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
@@ -27,3 +31,54 @@ def compile_train_step(cfg: Config, mesh: Mesh) -> jax.stages.Compiled:
     """The train step exactly as the Trainer runs it, compiled for `mesh` from shapes alone."""
     program = build_program(cfg, mesh)
     return program.train_step.lower(*abstract_train_inputs(cfg, mesh, program)).compile()
+
+
+def compile_report(cfg: Config, sizes: dict[str, int]) -> dict:
+    """Compile the train step for a mesh of `sizes` on host devices and return XLA's per-device
+    memory analysis beside the planner's estimate (bytes) and the compile time (s)."""
+    from mixtral_jax.training.memory import plan_memory
+
+    needed = math.prod(sizes.values())
+    devices = jax.devices()
+    if len(devices) < needed:
+        raise ConfigError(f"--mesh needs {needed} devices but JAX has {len(devices)} "
+                          f"({devices[0].platform}); on CPU set XLA_FLAGS=--xla_force_host_platform_device_count"
+                          f"={needed} or run this verb in a fresh process")
+    for axis, value in sizes.items():
+        setattr(cfg.mesh, axis, value)
+    mesh = Mesh(np.asarray(devices[:needed]).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
+    start = time.perf_counter()
+    compiled = compile_train_step(cfg, mesh)
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    # Donated state: outputs alias the arguments, so the live peak is arguments + temps + the
+    # outputs that are not aliases (the metrics).
+    xla = {"arguments": stats.argument_size_in_bytes, "temp": stats.temp_size_in_bytes,
+           "outputs_not_aliased": stats.output_size_in_bytes - stats.alias_size_in_bytes,
+           "generated_code": stats.generated_code_size_in_bytes}
+    xla["total"] = sum(xla.values())
+    return {"mesh": dict(sizes), "platform": devices[0].platform, "compile_s": seconds, "xla": xla,
+            "planner_total": plan_memory(cfg, sizes).total}
+
+
+def format_compile_report(report: dict, device: str | None) -> str:
+    from mixtral_jax.training.memory import DEVICE_MEMORY_GIB, GIB, usable_bytes
+
+    shape = " x ".join(f"{a}={v}" for a, v in report["mesh"].items() if v > 1) or "one device"
+    xla = report["xla"]
+    lines = [f"compiled the train step for mesh {shape} on {report['platform']} host devices in "
+             f"{report['compile_s']:.1f} s; XLA memory analysis per device:",
+             f"  {'arguments (params, optimizer, batch)':<38}{xla['arguments'] / GIB:>10.2f} GiB",
+             f"  {'temporaries (activations, gradients)':<38}{xla['temp'] / GIB:>10.2f} GiB",
+             f"  {'outputs not aliased to arguments':<38}{xla['outputs_not_aliased'] / GIB:>10.2f} GiB",
+             f"  {'total':<38}{xla['total'] / GIB:>10.2f} GiB",
+             f"  planner estimate (mixtral-jax params --mesh): {report['planner_total'] / GIB:.2f} GiB "
+             f"({report['planner_total'] / max(xla['total'], 1):.2f}x XLA's)"]
+    if device:
+        cap = usable_bytes(device)
+        verdict = "fits" if xla["total"] <= cap else "does NOT fit"
+        lines.append(f"  {verdict} {device} ({DEVICE_MEMORY_GIB[device]:g} GiB, {cap / GIB:.1f} GiB usable: "
+                     f"{xla['total'] / cap:.0%} used)")
+    lines.append("  (the CPU compiler's buffer assignment; a GPU / TPU compile of the same program differs "
+                 "somewhat, mostly in temporaries)")
+    return "\n".join(lines)
