@@ -107,9 +107,12 @@ def test_mask_blocks_attention_across_segments():
     assert mask[0, 5].sum() == 1 and mask[0, 5, 5]
 
 
+@pytest.mark.parametrize("impl", ["plain", "dot_product"])
 @pytest.mark.parametrize("window", [None, 3])
-def test_gqa_matches_numpy_loop(window):
-    cfg = tiny_cfg(dim=16, n_heads=4, n_kv_heads=2, head_dim=6, sliding_window=window)
+def test_gqa_matches_numpy_loop(window, impl):
+    """Both implementations (ours, and jax.nn.dot_product_attention with the window as
+    local_window_size) against the loop, on packed documents."""
+    cfg = tiny_cfg(dim=16, n_heads=4, n_kv_heads=2, head_dim=6, sliding_window=window, attention_impl=impl)
     attn = Attention(cfg, rngs=nnx.Rngs(0))
     x = np.random.default_rng(2).normal(size=(2, 12, 16)).astype(np.float32)
     pos, seg = packed_inputs()

@@ -81,6 +81,18 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, h, d)
 
 
+def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                      window: int | None) -> jax.Array:
+    """The same attention through `jax.nn.dot_product_attention`: causality and the window as the
+    kernel's own is_causal / local_window_size (what cuDNN's flash kernel skips blocks by), packed
+    documents as a boolean mask. Row index order equals position order within a document, so
+    this is the mask `attention_mask` builds from positions."""
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    window_size = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=True,
+                                        local_window_size=window_size)
+
+
 class Attention(nnx.Module):
     """GQA self-attention. Weights: wq [dim, H, Dh], wk/wv [dim, KV, Dh], wo [H, Dh, dim]."""
 
@@ -89,6 +101,7 @@ class Attention(nnx.Module):
         self.head_dim = head_dim_of(cfg)
         self.rope_theta = cfg.rope_theta
         self.window = cfg.sliding_window
+        self.use_library = cfg.attention_impl == "dot_product"
         self.dtype = as_dtype(cfg.dtype)
         pdt = as_dtype(cfg.param_dtype)
         out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)  # residual-branch scaling (GPT-2)
@@ -110,8 +123,11 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """x [B, T, dim], positions / segment_ids [B, T] int -> [B, T, dim] in the compute dtype."""
         q, k, v = self._project(x, positions)
-        mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
-        out = dot_product_attention(q, k, v, mask)
+        if self.use_library:
+            out = library_attention(q, k, v, positions, segment_ids, self.window)
+        else:
+            mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
+            out = dot_product_attention(q, k, v, mask)
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(self.dtype))
 
     def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
