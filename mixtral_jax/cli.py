@@ -9,6 +9,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mixtral_jax.config import ConfigError, did_you_mean, load_config
 
@@ -119,16 +120,25 @@ def cmd_cost(args: argparse.Namespace) -> int:
     from mixtral_jax.training import cost
 
     cfg = load_config(args.config, args.overrides)
-    hardware = args.hardware or cfg.cost.hardware
-    if hardware not in cost.HARDWARE_CHOICES:
-        raise ConfigError(f"--hardware '{hardware}' is not one of {', '.join(cost.HARDWARE_CHOICES)}")
-    if hardware == "auto":
-        hardware = cost.detect_hardware()
-    peak, source = cost.peak_tflops(hardware, args.peak_tflops or cfg.cost.peak_tflops, cfg.model.dtype)
-    price = cfg.cost.price_per_device_hour if args.price is None else args.price
-    seq_len = min(args.seq_len, cfg.model.max_seq_len)
+    # Every flag is checked before any work (hardware detection, a CPU peak measurement).
     if (args.tokens is None) == (args.device_hours is None):
         raise ConfigError("give exactly one of --tokens (forward: what they cost) or --device-hours (reverse)")
+    for flag, value, options in (("--tokens", args.tokens, {}), ("--device-hours", args.device_hours, {}),
+                                 ("--peak-tflops", args.peak_tflops, {}), ("--mfu", args.mfu, {"at_most": 1.0}),
+                                 ("--price", args.price, {"allow_zero": True}), ("--seq-len", args.seq_len, {}),
+                                 ("--devices", args.devices, {"at_most": cost.MAX_DEVICES})):
+        if value is not None:
+            cost.check_number(flag, value, **options)
+    hardware = args.hardware or cfg.cost.hardware
+    override = args.peak_tflops if args.peak_tflops is not None else cfg.cost.peak_tflops
+    if hardware not in cost.HARDWARE_CHOICES and override is None:  # with a peak given it is a label
+        raise ConfigError(f"--hardware '{hardware}' is not one of {', '.join(cost.HARDWARE_CHOICES)}"
+                          f"{did_you_mean(hardware, cost.HARDWARE_CHOICES)}")
+    if hardware == "auto":
+        hardware = cost.detect_hardware()
+    peak, source = cost.peak_tflops(hardware, override, cfg.model.dtype)
+    price = cfg.cost.price_per_device_hour if args.price is None else args.price
+    seq_len = min(args.seq_len, cfg.model.max_seq_len)
     if args.tokens is not None:
         plan = cost.plan_tokens(cfg.model, seq_len, args.tokens, peak, args.mfu, price, args.devices)
     else:
@@ -198,8 +208,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (like every other error) and exit 2.
+    Subcommand parsers inherit the class (add_subparsers uses the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mixtral-jax",
         description="Train and study dense (Mistral) and mixture-of-experts (Mixtral) transformers in JAX.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -317,15 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """An error message as one printable line (messages may quote user text with newlines)."""
+    text = str(err) or type(err).__name__
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"mixtral-jax {args.verb}: error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"mixtral-jax {args.verb}: error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as err:
+        # User mistakes (bad config, bad input data, missing or unreadable files): one line, exit 2.
+        # OSError includes FileNotFoundError, PermissionError and IsADirectoryError.
+        print(f"mixtral-jax {args.verb}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mixtral-jax {args.verb}: interrupted", file=sys.stderr)

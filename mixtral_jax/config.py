@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -371,146 +369,15 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(to_yaml(cfg))
 
 
-# ---------------------------------------------------------------- validation
-
-# JAX's default integer is int32 (shapes, token ids, step counters): bigger values would
-# overflow long after validation, so they stop here. grain takes seeds up to 2**32 - 1.
-_INT_LIMIT = 2**31 - 1
-_INT_LIMITS = {"run.seed": 2**32 - 1, "data.tokenizer.train_bytes": 2**53}
-# Single-field ranges: every float is also required to be finite (NaN fails no `>` test by
-# itself when the check is written as `not x < 0`, and inf passes `> 0`).
-_POSITIVE = (
-    "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.hidden_dim",
-    "model.max_seq_len", "model.norm_eps", "model.rope_theta", "model.moe.capacity_factor", "data.seq_len",
-    "data.batch_size", "data.tokenizer.train_bytes", "optim.lr", "optim.eps", "train.steps", "train.eval_every",
-    "train.log_every", "train.checkpoint_every", "optim.grad_accum", "train.keep_checkpoints",
-    "train.max_consecutive_nonfinite", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_expert", "mesh.dcn_tensor")
-_NON_NEGATIVE = (
-    "run.seed", "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.z_loss_coef",
-    "model.moe.bias_update_rate", "model.moe.jitter", "data.num_workers", "data.shuffle_buffer_docs",
-    "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_batches",
-    "finetune.router_lr_scale", "finetune.lora.rank", "cost.price_per_device_hour")
-_CHOICES = {
-    "model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": REMAT, "model.moe.router": ROUTERS,
-    "model.moe.dispatch": DISPATCHES, "model.moe.router_dtype": DTYPES, "model.moe.aux_loss_scope": AUX_LOSS_SCOPES,
-    "optim.schedule": SCHEDULES, "train.on_nonfinite": NONFINITE_POLICIES, "logging.wandb": WANDB_MODES,
-    "finetune.freeze": FREEZE}
-SOURCE_KINDS = ("tfds:", "jsonl:", "text:", "instruct:")
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}': {message}")
-
-
 def did_you_mean(value: str, choices: Sequence[str]) -> str:
     """"; did you mean 'X'?" for the closest of `choices`, or "" when none is close."""
     close = difflib.get_close_matches(str(value), list(choices), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}"
-                          f"{did_you_mean(value, choices)}")
-
-
-def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every non-section field."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from _leaves(value, f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", value
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    return functools.reduce(getattr, dotted.split("."), cfg)
-
-
-def _check_leaves(cfg: Config) -> None:
-    """Type-level sanity every field shares: finite floats, ints within int32, printable text."""
-    for key, value in _leaves(cfg):
-        if isinstance(value, float):
-            _require(math.isfinite(value), key, f"must be a finite number, got {value}")
-        elif isinstance(value, int) and not isinstance(value, bool):
-            limit = _INT_LIMITS.get(key, _INT_LIMIT)
-            _require(-limit <= value <= limit, key, f"{value} is out of range (at most {limit} in size)")
-        elif isinstance(value, str):
-            _require(value.isprintable(), key, f"must be printable text, got {value!r}")
-        elif isinstance(value, list):
-            _require(all(isinstance(v, str) for v in value), key, f"must be a list of names, got {value!r}")
-
-
 def validate(cfg: Config) -> None:
-    """Cross-field and range checks; raise ConfigError naming the offending key."""
-    _check_leaves(cfg)
-    for key in _POSITIVE:
-        _require(_get(cfg, key) > 0, key, f"must be positive, got {_get(cfg, key)}")
-    for key in _NON_NEGATIVE:
-        _require(_get(cfg, key) >= 0, key, f"must be >= 0, got {_get(cfg, key)}")
-    for key, choices in _CHOICES.items():
-        _choice(_get(cfg, key), choices, key)
-    m, moe, d, o = cfg.model, cfg.model.moe, cfg.data, cfg.optim
-    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
-             f"n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads})")
-    _require(m.sliding_window is None or m.sliding_window > 0, "model.sliding_window",
-             "must be a positive number of positions, or null for full causal attention")
-    if m.head_dim is None:
-        _require(m.dim % m.n_heads == 0, "model.n_heads",
-                 f"dim ({m.dim}) must be divisible by n_heads ({m.n_heads}) when model.head_dim is null")
-        m.head_dim = m.dim // m.n_heads
-    _require(m.head_dim > 0 and m.head_dim % 2 == 0, "model.head_dim",
-             f"must be positive and even (RoPE rotates pairs), got {m.head_dim}")
-    if moe.num_experts > 0:
-        _require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k",
-                 f"must be between 1 and model.moe.num_experts ({moe.num_experts}), got {moe.top_k}")
-        if moe.router == "expert_choice":
-            _require(moe.bias_update_rate == 0, "model.moe.bias_update_rate", "loss-free balancing biases "
-                     "token-choice selection; expert_choice is balanced by construction")
-    _require(d.seq_len <= m.max_seq_len, "data.seq_len",
-             f"seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    kind, _, arg = d.source.partition(":")
-    _require(d.source == "python_source" or (f"{kind}:" in SOURCE_KINDS and bool(arg.strip())), "data.source",
-             f"'{d.source}' must be python_source, tfds:NAME[/CONFIG], jsonl:PATH, text:DIR or instruct:PATH")
-    _require(bool(d.text_key), "data.text_key", "must name a field")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be within [0, 1]")
-    _require(0 <= o.b1 < 1, "optim.b1", "must be within [0, 1)")
-    _require(0 <= o.b2 < 1, "optim.b2", "must be within [0, 1)")
-    _require(d.batch_size % o.grad_accum == 0, "optim.grad_accum",
-             f"data.batch_size ({d.batch_size}) must be divisible by grad_accum ({o.grad_accum})")
-    _validate_finetune(cfg)
-    _validate_mesh_cost(cfg)
-    _require(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."), "run.name",
-             "must be a non-empty name without '/' (and not '.' or '..')")
+    """Range, type and cross-field checks (mixtral_jax/config_checks.py); raise ConfigError
+    naming the offending key. Imported when called: the checks import this module's schema."""
+    from mixtral_jax.config_checks import validate as check
 
-
-def _validate_mesh_cost(cfg: Config) -> None:
-    axes = ("data", "fsdp", "expert", "tensor")
-    for key in axes:
-        _require(getattr(cfg.mesh, key) == -1 or getattr(cfg.mesh, key) >= 1, f"mesh.{key}",
-                 "must be >= 1, or -1 to fill the remaining devices")
-    _require(sum(getattr(cfg.mesh, k) == -1 for k in axes) <= 1, "mesh", "at most one axis may be -1")
-    _require(cfg.cost.peak_tflops is None or cfg.cost.peak_tflops > 0, "cost.peak_tflops", "must be positive")
-    if cfg.cost.peak_tflops is None:  # with a peak given, the hardware name is only a label
-        from mixtral_jax.training.cost import HARDWARE_CHOICES  # light module; lazy: it imports this one
-
-        _choice(cfg.cost.hardware, HARDWARE_CHOICES, "cost.hardware")
-
-
-def _validate_finetune(cfg: Config) -> None:
-    f, lora = cfg.finetune, cfg.finetune.lora
-    _require(f.freeze != "all_but_experts" or cfg.model.is_moe, "finetune.freeze",
-             "all_but_experts needs an MoE model (model.moe.num_experts > 0)")
-    if lora.rank == 0:
-        return
-    _require(f.freeze == "none", "finetune.freeze",
-             "LoRA already freezes every base weight; leave freeze at none when finetune.lora.rank > 0")
-    _require(lora.alpha > 0, "finetune.lora.alpha", "must be positive")
-    _require(len(lora.targets) > 0, "finetune.lora.targets", f"name at least one of {', '.join(LORA_TARGETS)}")
-    for target in lora.targets:
-        _choice(target, LORA_TARGETS, "finetune.lora.targets")
-    present = {"attention"} | ({"experts"} if cfg.model.is_moe else {"mlp"})
-    _require(bool(set(lora.targets) & present), "finetune.lora.targets",
-             f"{lora.targets} selects no weight of this model (it has {', '.join(sorted(present))})")
+    check(cfg)

@@ -272,20 +272,33 @@ def _split_by_content(docs: list, split: str, name: str, keys: list[str] | None 
 
 
 def _read_jsonl(pattern: str, text_key: str) -> list[str]:
+    """The `text_key` strings of every JSON-lines file matching `pattern`. Bad lines (not
+    UTF-8, not JSON, no non-empty string field) are skipped and counted in one warning; an error
+    names the files when nothing usable remains."""
     paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     paths = [p for p in paths if os.path.isfile(p)]
     if not paths:
         raise ValueError(f"data.source 'jsonl:{pattern}': no such file")
     docs: list[str] = []
-    bad_json = missing = 0
+    lines = bad_utf8 = bad_json = missing = 0
+    unreadable: list[str] = []
     for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if not line.strip():
+        try:
+            handle = open(path, "rb")  # bytes: a non-UTF-8 line is counted, not silently replaced
+        except OSError as err:
+            unreadable.append(f"{path} ({err.strerror or err})")
+            continue
+        with handle:
+            for raw in handle:
+                if not raw.strip():
                     continue  # blank lines (e.g. a trailing newline) are not records
+                lines += 1
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    bad_utf8 += 1
+                    continue
+                except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
                     bad_json += 1
                     continue
                 text = record.get(text_key) if isinstance(record, dict) else None
@@ -293,25 +306,38 @@ def _read_jsonl(pattern: str, text_key: str) -> list[str]:
                     missing += 1
                     continue
                 docs.append(text)
-    if bad_json or missing:
-        log.warning("jsonl:%s: skipped %d line(s) of invalid JSON and %d record(s) without a "
-                    "non-empty string field '%s'", pattern, bad_json, missing, text_key)
+    counts = (f"{bad_utf8} not UTF-8, {bad_json} invalid JSON, {missing} without a non-empty string "
+              f"field '{text_key}' (data.text_key)")
+    if bad_utf8 or bad_json or missing or unreadable:
+        log.warning("jsonl:%s: skipped %d line(s) of invalid JSON and %d record(s) without a non-empty string "
+                    "field '%s' (%s); unreadable: %s", pattern, bad_utf8 + bad_json, missing, text_key, counts,
+                    "; ".join(unreadable) or "none")
     if not docs:
-        raise ValueError(f"data.source 'jsonl:{pattern}': no usable records with a string field "
-                         f"'{text_key}' (data.text_key); {bad_json} invalid JSON, {missing} without it")
+        files = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        if not lines and not unreadable:
+            raise ValueError(f"data.source 'jsonl:{pattern}': {files} has no records (empty)")
+        problem = f"could not read {'; '.join(unreadable)}; " if unreadable else ""
+        raise ValueError(f"data.source 'jsonl:{pattern}': no usable records with a string field '{text_key}' "
+                         f"(data.text_key) in {files}: {problem}{lines} line(s): {counts}")
     return docs
 
 
 def _read_text_dir(root: str) -> list[str]:
+    """Every UTF-8 text file under `root`; binary / unreadable ones skipped, counted, warned about."""
     base = Path(os.path.expanduser(root))
     if not base.is_dir():
         raise ValueError(f"data.source 'text:{root}': not a directory")
     docs: list[str] = []
-    skipped = 0
+    files = skipped = unreadable = blank = 0
     for path in sorted(p for p in base.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(base).parts):
             continue  # .git and friends are not corpus text
-        data = path.read_bytes()
+        files += 1
+        try:
+            data = path.read_bytes()
+        except OSError:  # permissions, a file removed meanwhile
+            unreadable += 1
+            continue
         try:
             if b"\x00" in data:  # valid UTF-8 can hold NUL, text files practically never do
                 raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
@@ -321,10 +347,16 @@ def _read_text_dir(root: str) -> list[str]:
             continue
         if text.strip():
             docs.append(text)
-    if skipped:
-        log.warning("text:%s: skipped %d binary or non-UTF-8 file(s)", root, skipped)
+        else:
+            blank += 1
+    if skipped or unreadable:
+        log.warning("text:%s: skipped %d binary or non-UTF-8 file(s) and %d unreadable file(s)",
+                    root, skipped, unreadable)
     if not docs:
-        raise ValueError(f"data.source 'text:{root}': no UTF-8 text files found ({skipped} skipped)")
+        if not files:
+            raise ValueError(f"data.source 'text:{root}': the directory has no files")
+        raise ValueError(f"data.source 'text:{root}': no UTF-8 text files found among {files} file(s) "
+                         f"({skipped} binary or non-UTF-8, {unreadable} unreadable, {blank} empty)")
     return docs
 
 

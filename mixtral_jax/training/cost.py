@@ -8,6 +8,7 @@ compares runs fairly across implementations.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ PEAK_TFLOPS: dict[str, float] = {
     "trillium": 918.0,  # TPU v6e
 }
 HARDWARE_CHOICES = ("auto", "cpu", *PEAK_TFLOPS)
+MAX_DEVICES = 2**31 - 1  # a bound no cluster reaches; keeps float conversions of counts exact
 
 # Substrings of jax's `device_kind`, most specific first.
 _DEVICE_KINDS = (
@@ -172,21 +174,53 @@ class Plan:
         return dict(self.__dict__)
 
 
+def check_number(label: str, value: float, *, allow_zero: bool = False, at_most: float = math.inf) -> float:
+    """`value` if it is a finite number > 0 (>= 0 with `allow_zero`) and <= `at_most`, else a
+    one-line ValueError naming `label`. NaN fails every comparison, so `not value > 0` alone
+    would let it through a check written the other way round: it is tested explicitly."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # ints are exact at any size; only floats can be NaN or inf
+    finite = number and (isinstance(value, int) or math.isfinite(value))
+    low_ok = finite and (value >= 0 if allow_zero else value > 0)
+    if not (low_ok and value <= at_most):
+        low = ">= 0" if allow_zero else "> 0"
+        high = f" and at most {at_most:,}" if at_most != math.inf else ""
+        raise ValueError(f"{label} must be a finite number {low}{high}, got {value}")
+    return value
+
+
+def _check_plan_inputs(seq_len: int, peak: float, mfu: float, price: float, devices: int) -> None:
+    check_number("seq_len", seq_len)
+    check_number("peak TFLOP/s", peak)
+    check_number("MFU", mfu, at_most=1.0)
+    check_number("price per device-hour", price, allow_zero=True)
+    if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+        raise ValueError(f"devices must be a whole number from 1 to {MAX_DEVICES}, got {devices}")
+
+
 def plan_tokens(cfg: ModelConfig, seq_len: int, tokens: float, peak: float, mfu: float, price: float,
                 devices: int) -> Plan:
-    """Forward: what training on `tokens` costs at an assumed MFU."""
-    if not 0 < mfu <= 1:
-        raise ValueError(f"MFU must be in (0, 1], got {mfu}")
+    """Forward: what training on `tokens` costs at an assumed MFU. Closed-form arithmetic, so a
+    huge budget answers as fast as a small one; one that overflows a float is refused."""
+    check_number("tokens", tokens)
+    _check_plan_inputs(seq_len, peak, mfu, price, devices)
     per_token = flops_per_token(cfg, seq_len)
     total = per_token.train * tokens
     device_hours = total / (peak * 1e12 * mfu) / 3600.0
+    cost_usd = device_hours * price
+    if not all(math.isfinite(x) for x in (total, device_hours, cost_usd)):
+        raise ValueError(f"tokens ({tokens:g}) is too large: the totals overflow a float")
     return Plan(per_token.train, per_token.inference, tokens, total, peak, mfu, device_hours, devices,
-                device_hours / devices / 24.0, price, device_hours * price)
+                device_hours / devices / 24.0, price, cost_usd)
 
 
 def plan_hours(cfg: ModelConfig, seq_len: int, device_hours: float, peak: float, mfu: float, price: float,
                devices: int) -> Plan:
     """Reverse: how many training tokens `device_hours` buy at an assumed MFU."""
+    check_number("device-hours", device_hours)
+    _check_plan_inputs(seq_len, peak, mfu, price, devices)
     per_token = flops_per_token(cfg, seq_len)
     tokens = device_hours * 3600.0 * peak * 1e12 * mfu / per_token.train
+    if not math.isfinite(tokens) or tokens == 0:
+        raise ValueError(f"device-hours ({device_hours:g}) is out of range: the token count is {tokens:g}")
     return plan_tokens(cfg, seq_len, tokens, peak, mfu, price, devices)

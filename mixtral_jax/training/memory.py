@@ -21,6 +21,7 @@ estimate and confirm with `compile()` on the target mesh (issue 9's `mixtral-jax
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import jax.numpy as jnp
@@ -70,17 +71,28 @@ def usable_bytes(device: str) -> int:
     return int(DEVICE_MEMORY_GIB[device] * GIB * USABLE_FRACTION)
 
 
+MAX_MESH_DEVICES = 2**20  # beyond any cluster; keeps the planner's arithmetic (and compile) sane
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """'fsdp=4,expert=2' -> sizes for all four axes (unnamed axes 1)."""
     sizes = dict.fromkeys(MESH_AXES, 1)
+    named: set[str] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        axis, sep, value = part.partition("=")
+        axis, sep, value = (s.strip() for s in part.partition("="))
         if axis not in sizes:
             raise ConfigError(f"--mesh: unknown axis '{axis}'{did_you_mean(axis, MESH_AXES)} "
                               f"(axes are {', '.join(MESH_AXES)})")
-        if not sep or not value.isdigit() or int(value) < 1:
+        if axis in named:
+            raise ConfigError(f"--mesh: axis '{axis}' is given twice")
+        # ASCII digits only: str.isdigit() also accepts '²', which int() then rejects
+        if not sep or not re.fullmatch(r"[0-9]{1,8}", value) or int(value) < 1:
             raise ConfigError(f"--mesh '{part}': expected {axis}=N with N >= 1")
         sizes[axis] = int(value)
+        named.add(axis)
+    if math.prod(sizes.values()) > MAX_MESH_DEVICES:
+        raise ConfigError(f"--mesh '{text}': {math.prod(sizes.values()):,} devices in total; at most "
+                          f"{MAX_MESH_DEVICES:,} are supported")
     return sizes
 
 
