@@ -3,7 +3,9 @@ model state (e.g. router biases), step, data-iterator position, RNG and cost clo
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash mid-write never replaces the last good checkpoint; saves are asynchronous so the
-train loop keeps running while the previous step is written.
+train loop keeps running while the previous step is written. A write that fails (a full disk)
+raises RunError naming the step and the last complete checkpoint, which the failure cannot
+have touched; recovery.py checks checkpoints when a run starts.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import orbax.checkpoint as ocp
 
 from mixtral_jax.config import LoRAConfig
 from mixtral_jax.training import lora
+from mixtral_jax.training.errors import RunError
 
 WEIGHTS = "weights"  # {params, model_state (, adapters)}: what fine-tuning and export need
-TRAINER = "trainer"  # {step, opt_state, rng}: what only resuming needs
+TRAINER = "trainer"  # {step, opt_state, rng, nonfinite counters}: what only resuming needs
 
 
 class Checkpointer:
@@ -29,12 +32,15 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=(WEIGHTS, TRAINER, "data", "meta"))
+        self._pending: int | None = None  # the step whose background write may still be running
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: dict, data_state: Any, meta: dict) -> None:
-        """Start an asynchronous save of the train state (split into weights and trainer parts)."""
+        """Start an asynchronous save of the train state (split into weights and trainer parts).
+        Raises RunError if this save or the previous (background) one failed."""
+        self._finish(self._pending)  # orbax waits for the previous save anyway; this names its step
         weights, trainer = split_state(state)
         args = ocp.args.Composite(**{
             WEIGHTS: ocp.args.StandardSave(weights),
@@ -42,7 +48,26 @@ class Checkpointer:
             "data": ocp.args.JsonSave(data_state),
             "meta": ocp.args.JsonSave(meta),
         })
-        self.manager.save(step, args=args, force=True)
+        try:
+            self.manager.save(step, args=args, force=True)
+        except Exception as err:
+            raise self._save_error(step, err) from err
+        self._pending = step
+
+    def _finish(self, step: int | None) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:
+            raise self._save_error(step, err) from err
+        self._pending = None
+
+    def _save_error(self, step: int | None, err: Exception) -> RunError:
+        complete = complete_steps(self.directory)
+        kept = (f"the last complete checkpoint, step {complete[-1]}, is intact (orbax moves a step into place "
+                "only once it is fully written)" if complete else "no complete checkpoint exists yet")
+        return RunError(f"could not save checkpoint step {step} in {self.directory} ({_describe(err)}); training "
+                        f"stopped and {kept}. Free disk space (or fix the directory) and run the same command "
+                        "again to resume")
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, Any, dict]:
         """Restore everything into the shapes, dtypes and shardings of `abstract_state`."""
@@ -72,11 +97,34 @@ class Checkpointer:
                 "model_state": weights["model_state"]}
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._finish(self._pending)
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Wait for the last save and close. raise_errors=False when another error is already
+        on its way out, which a failed final save must not hide."""
+        try:
+            self._finish(self._pending)
+        except RunError:
+            if raise_errors:
+                raise
+        finally:
+            self.manager.close()
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """Steps with a committed directory (unfinished writes carry a `.orbax-checkpoint-tmp` suffix,
+    damaged steps moved aside a `.corrupt` one), ascending."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno:
+        return f"[Errno {err.errno}] {err.strerror}"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 def split_state(state: dict) -> tuple[dict, dict]:

@@ -84,8 +84,49 @@ def _wandb_id(run_dir: Path, run_name: str) -> str:
     return run_id
 
 
+def _parse(lines: list[str]) -> list[dict]:
+    """Records of metrics.jsonl; a line a killed process left half-written is skipped."""
+    records = []
+    for line in lines:
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(path.read_text().splitlines())
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records an interrupted run logged after its last checkpoint (they are redone): all
+    of them if it died before its first checkpoint (step 0)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if any(r.get("step", 0) <= step for r in _parse([line]))]
+        # Write aside and rename: a kill mid-write must not lose the records being kept.
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def last_train_record(run_dir: Path) -> dict:
+    train_records = [r for r in read_metrics(run_dir) if "loss" in r]
+    return train_records[-1] if train_records else {}
+
+
+def window_record(window: list[dict], skipped_key: str, internal: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One logged record from the host copies of the steps since the last log: means over the
+    steps whose update was applied (a skipped step's NaN loss would hide the others), the
+    number of skipped steps under `skipped_key`, `internal` keys left out."""
+    skipped = [int(np.asarray(m.get(skipped_key, 0))) for m in window]
+    applied = [m for m, s in zip(window, skipped) if not s] or window
+    keys = [k for k in window[-1] if k not in internal and k != skipped_key]
+    record = {k: np.mean(np.stack([np.asarray(m[k]) for m in applied]), axis=0) for k in keys}
+    record[skipped_key] = sum(skipped)
+    return record

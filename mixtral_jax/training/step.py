@@ -1,5 +1,6 @@
 """The jitted math of training: loss (LM + router aux losses), gradient accumulation,
-the optimizer update, and router metrics — all inside one compiled step."""
+the optimizer update, and router metrics — all inside one compiled step. A step whose loss or
+gradients are not finite changes nothing but its counters (see nonfinite.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from flax import nnx
 
 from mixtral_jax.config import Config, LoRAConfig
 from mixtral_jax.models.moe import update_router_biases
-from mixtral_jax.training import lora
+from mixtral_jax.training import lora, nonfinite
 
 Batch = dict[str, jax.Array]
-TrainState = dict[str, Any]  # {step, params, model_state, opt_state, rng} (+ adapters with LoRA)
+# {step, params, model_state, opt_state, rng, nonfinite} (+ adapters with LoRA)
+TrainState = dict[str, Any]
 
 
 def trainable_key(cfg: Config) -> str:
@@ -94,7 +96,7 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zero_grads, jnp.float32(0.0), zero_aux), micro)
 
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        new_trainable = optax.apply_updates(trainable, updates)
         lm_loss = ce_sum / total_tokens
         metrics = {
             "loss": lm_loss + moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"],
@@ -106,12 +108,21 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         }
         if is_moe:
             metrics.update(router_metrics(aux))
+        new_model_state = model_state
         if is_moe and moe.bias_update_rate > 0:
             # Loss-free balancing: nudge each layer's selection bias toward balance, using the
             # load over the whole global batch, outside the gradient.
-            model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate)
+            new_model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate)
+        # A non-finite loss or gradient drops the whole update (weights, moments, router biases).
+        ok = nonfinite.is_finite(metrics["loss"], metrics["grad_norm"])
+        trainable, opt_state, model_state = nonfinite.keep_if_finite(
+            ok, (new_trainable, opt_state, new_model_state), (trainable, state["opt_state"], model_state))
         new_state = dict(state, step=state["step"] + 1, opt_state=opt_state, model_state=model_state, rng=rng)
         new_state[key_name] = trainable
+        metrics[nonfinite.SKIPPED] = jnp.logical_not(ok).astype(jnp.int32)
+        if nonfinite.COUNTERS in state:  # states built outside the Trainer (benchmarks) may lack it
+            new_state[nonfinite.COUNTERS] = nonfinite.count(state[nonfinite.COUNTERS], ok)
+            metrics[nonfinite.STREAK] = new_state[nonfinite.COUNTERS]["streak"]
         return new_state, metrics
 
     return step

@@ -1,5 +1,11 @@
 """The training loop: set up a run directory, data, model and optimizer, resume if the run
-has checkpoints, then step / log / evaluate / checkpoint until `train.steps`."""
+has checkpoints, then step / log / evaluate / checkpoint until `train.steps`.
+
+Fault tolerance (each piece in its own module): the run dir is locked and probed before
+anything is written or compiled (run_lock.py); checkpoints left by a crash are checked and a
+damaged one is set aside (recovery.py); a non-finite step changes nothing and the run stops by
+policy (nonfinite.py); SIGINT / SIGTERM checkpoint at the next step boundary (preemption.py); a
+failed checkpoint write stops the run with the last complete checkpoint intact (checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -20,14 +26,18 @@ from jax.sharding import Mesh, NamedSharding
 
 from mixtral_jax.config import Config, ConfigError, LoRAConfig, load_config, save_config
 from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_batches, make_train_iterator
-from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
+from mixtral_jax.data.tokenizer import load_or_train_tokenizer
 from mixtral_jax.models.transformer import Transformer, param_counts
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated, traced_under
 from mixtral_jax.parallel.rules import state_shardings
-from mixtral_jax.training.checkpoint import TRAINER, Checkpointer
+from mixtral_jax.training.checkpoint import TRAINER, Checkpointer, complete_steps
 from mixtral_jax.training.meter import RunMeter
-from mixtral_jax.training.metrics import MetricsLogger
+from mixtral_jax.training.metrics import MetricsLogger, last_train_record, truncate_metrics, window_record
+from mixtral_jax.training.nonfinite import COUNTERS, SKIPPED, STREAK, NonfiniteGuard, init_counters
 from mixtral_jax.training.preemption import StopRequest
+from mixtral_jax.training.preflight import check_token_ids, check_vocab
+from mixtral_jax.training.recovery import remove_incomplete, restore_latest_good, verify_latest_shapes
+from mixtral_jax.training.run_lock import PROBE_NAME, claim_run_dir
 from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer, param_group
 from mixtral_jax.training import lora
 from mixtral_jax.training.step import TrainState, make_eval_step, make_train_step, trainable_key
@@ -39,28 +49,51 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        self.primary = jax.process_index() == 0  # the processes of one job share the run dir
+        self.notes: list[str] = []  # warnings found during setup, printed when training starts
+        # Claim the run dir before writing or compiling anything: a second trainer on it is
+        # refused here, an unwritable or full disk fails now rather than at the first checkpoint.
+        self.lock = claim_run_dir(self.run_dir, primary=self.primary,
+                                  probe_name=f"{PROBE_NAME}.{jax.process_index()}")
+        if self.lock.note:
+            self.notes.append(self.lock.note)
+        try:
+            self._setup()
+        except BaseException:
+            if hasattr(self, "checkpointer"):
+                self.checkpointer.close(raise_errors=False)
+            self.lock.release()
+            raise
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self) -> None:
+        cfg = self.cfg
         self.mesh = make_mesh(cfg.mesh)
         if cfg.data.batch_size % (batch_divisor(self.mesh) * cfg.optim.grad_accum):
             raise ConfigError(
                 f"config key 'data.batch_size': {cfg.data.batch_size} must be divisible by the data-parallel "
                 f"devices ({batch_divisor(self.mesh)}) x optim.grad_accum ({cfg.optim.grad_accum})")
-        self.tokenizer = self._tokenizer()
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+        self.tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)
+        check_vocab(self.tokenizer.vocab_size, cfg.model.vocab_size, self.tokenizer.path)
+        ckpt_dir = self.run_dir / "checkpoints"
+        if self.primary:  # before orbax lists the steps: a crash mid-save leaves a temporary dir
+            self.notes += remove_incomplete(ckpt_dir)
+        self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
         program = self.program = build_program(cfg, self.mesh)
         self.abstract_state, self.state_shardings = program.abstract_state, program.state_shardings
         self.train_step, self.eval_step = program.train_step, program.eval_step
         self.init_state = program.init_state
-
-    # ------------------------------------------------------------------ setup
-
-    def _tokenizer(self) -> Tokenizer:
-        tok = load_or_train_tokenizer(self.cfg.data, self.cfg.model.vocab_size)
+        # Checkpoints from another model config fail here, before this config replaces the run's.
+        verify_latest_shapes(self.checkpointer, program.sharded_shapes())
+        save_config(cfg, self.run_dir / "config.yaml")
         target = self.run_dir / "tokenizer.model"
-        if Path(tok.path).resolve() != target.resolve():
-            shutil.copyfile(tok.path, target)
-        return tok
+        if Path(self.tokenizer.path).resolve() != target.resolve():
+            shutil.copyfile(self.tokenizer.path, target)
+
+    def release(self) -> None:
+        """Give the run dir up (fit does it when it ends, however it ends)."""
+        self.lock.release()
 
     def _fresh_state(self) -> dict:
         # Each device computes only its own shards: no full copy of the model on one device.
@@ -92,10 +125,22 @@ class Trainer:
 
     def fit(self, stop_at: int | None = None) -> dict:
         """Train to `train.steps` (or stop early after step `stop_at`, checkpointed, as a
-        preempted job would); returns the summary."""
+        preempted job would); returns the summary. Releases the run dir however it ends."""
+        try:
+            # Installed first: a signal during restore or compile stops after the first step.
+            with StopRequest() as stop:
+                return self._fit(stop, stop_at)
+        finally:
+            self.release()
+
+    def _fit(self, stop: StopRequest, stop_at: int | None) -> dict:
         cfg = self.cfg
         last_step = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
-        state, data_iter, meta = self._restore_or_init()
+        try:
+            state, data_iter, meta = self._restore_or_init()
+        except BaseException:
+            self.checkpointer.close(raise_errors=False)
+            raise
         eval_batches = make_eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batches,
                                          shard_index=jax.process_index(), shard_count=jax.process_count())
         start = int(state["step"])
@@ -103,76 +148,94 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=start,
                                wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                                run_name=cfg.run.name, config=asdict(cfg), progress=cfg.logging.progress)
+        for note in self.notes:
+            logger.write(note)
         if start:
             logger.write(f"resumed {self.run_dir} at step {start}")
         to_device = batch_sharding(self.mesh)
+        guard = NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_nonfinite)
+        last_saved = start or None
         step_fn, compile_s = None, 0.0
         window: list[dict] = []
         eval_metrics: dict[str, float] = {}
-        with StopRequest() as stop:
-            try:
-                for step in range(start, last_step):
-                    batch = global_batch(next(data_iter), to_device)
-                    if step_fn is None:  # compile ahead of time so the device clock never counts it
-                        compile_start = time.perf_counter()
-                        step_fn = self.train_step.lower(state, batch).compile()
-                        compile_s = time.perf_counter() - compile_start
-                        window_start = time.perf_counter()
-                        meter.clock.start()
-                    state, metrics = step_fn(state, batch)
-                    window.append(metrics)
-                    done = step + 1
-                    logger.advance()
-                    record: dict[str, Any] = {}
-                    if done % cfg.train.log_every == 0 or done == last_step:
-                        record = _mean_metrics(jax.device_get(window))  # waits for the steps to finish
-                        record.update(tokens_seen=done * meter.tokens_per_step,
-                                      **meter.window(len(window), time.perf_counter() - window_start, done))
-                        window, window_start = [], time.perf_counter()
-                    if done % cfg.train.eval_every == 0 or done == last_step:
-                        jax.block_until_ready(state)
-                        meter.clock.pause()  # eval time is not training time
-                        paused = time.perf_counter()
-                        eval_metrics = self.evaluate(state, eval_batches)
-                        record.update(eval_metrics)
-                        window_start += time.perf_counter() - paused
-                        meter.clock.start()
-                    if record:
-                        logger.log(done, record)
-                    if done % cfg.train.checkpoint_every == 0 or done == last_step or stop.requested:
-                        self.checkpointer.save(done, state, data_iter.get_state(),
-                                               {"clock_seconds": meter.clock.running_seconds})
-                    if stop.requested:
-                        logger.write(f"{stop.requested}: stopped after step {done}, checkpoint saved; "
-                                     f"run the same command again to resume")
-                        break
-                meter.clock.pause()
-                summary = self._summary(state, eval_metrics, meter, compile_s)
-                summary["stopped_by"] = stop.requested
-                logger.summary(summary)
-            finally:
-                self.checkpointer.close()
-                logger.close()
+        try:
+            for step in range(start, last_step):
+                local = next(data_iter)
+                if step_fn is None:  # compile ahead of time so the device clock never counts it
+                    check_token_ids(local, cfg.model.vocab_size)
+                    batch = global_batch(local, to_device)
+                    compile_start = time.perf_counter()
+                    step_fn = self.train_step.lower(state, batch).compile()
+                    compile_s = time.perf_counter() - compile_start
+                    window_start = time.perf_counter()
+                    meter.clock.start()
+                else:
+                    batch = global_batch(local, to_device)
+                state, metrics = step_fn(state, batch)
+                window.append(metrics)
+                done = step + 1
+                logger.advance()
+                record: dict[str, Any] = {}
+                if done % cfg.train.log_every == 0 or done == last_step:
+                    host = jax.device_get(window)  # waits for the steps to finish
+                    guard.check([m[STREAK] for m in host], done - len(host) + 1, last_saved)
+                    record = window_record(host, SKIPPED, internal=(STREAK,))
+                    record.update(tokens_seen=done * meter.tokens_per_step,
+                                  **meter.window(len(window), time.perf_counter() - window_start, done))
+                    window, window_start = [], time.perf_counter()
+                if done % cfg.train.eval_every == 0 or done == last_step:
+                    jax.block_until_ready(state)
+                    meter.clock.pause()  # eval time is not training time
+                    paused = time.perf_counter()
+                    eval_metrics = self.evaluate(state, eval_batches)
+                    record.update(eval_metrics)
+                    window_start += time.perf_counter() - paused
+                    meter.clock.start()
+                if record:
+                    logger.log(done, record)
+                if done % cfg.train.checkpoint_every == 0 or done == last_step or stop.requested:
+                    # Never checkpoint a state the non-finite policy stops on (steps not logged yet).
+                    guard.check(jax.device_get([m[STREAK] for m in window]), done - len(window) + 1, last_saved)
+                    self.checkpointer.save(done, state, data_iter.get_state(),
+                                           {"clock_seconds": meter.clock.running_seconds})
+                    last_saved = done
+                if stop.requested:
+                    logger.write(f"{stop.requested}: stopped after step {done}, checkpoint saved; "
+                                 f"run the same command again to resume")
+                    break
+            meter.clock.pause()
+            summary = self._summary(state, eval_metrics, meter, compile_s)
+            summary["stopped_by"] = stop.requested
+            logger.summary(summary)
+        except BaseException:
+            self.checkpointer.close(raise_errors=False)  # earlier saves finish; the error stays the one raised
+            raise
+        else:
+            self.checkpointer.close()  # a failed final background save is an error of this run
+        finally:
+            logger.close()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def _restore_or_init(self) -> tuple[dict, Any, dict]:
-        """Fresh (or init_from) state, or the latest checkpoint of this run dir."""
+        """Fresh (or init_from) state, or the newest good checkpoint of this run dir."""
         cfg = self.cfg
         data_iter = make_train_iterator(cfg.data, self.tokenizer, seed=cfg.run.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
-        latest = self.checkpointer.latest_step()
-        if latest is None:
-            return self._fresh_state(), data_iter, {}
-        if not (self.checkpointer.directory / str(latest) / TRAINER).is_dir():
+        steps = complete_steps(self.checkpointer.directory)
+        if steps == [0] and not (self.checkpointer.directory / "0" / TRAINER).is_dir():
             raise ConfigError(f"{self.run_dir} holds weights only (imported, no optimizer or data state) and "
                               f"cannot be resumed: fine-tune from it with train.init_from={self.run_dir} and a new "
                               "run.name")
         # Restore straight into this mesh's shardings (whatever mesh the checkpoint was saved on).
-        target = self.program.sharded_shapes()
-        state, data_state, meta = self.checkpointer.restore(latest, target)
+        found = restore_latest_good(self.checkpointer, self.program.sharded_shapes(), move_aside=self.primary)
+        if found is None:
+            truncate_metrics(self.run_dir, 0)  # records of an attempt that died before its first checkpoint
+            return self._fresh_state(), data_iter, {}
+        step, state, data_state, meta, notes = found
+        self.notes += notes
         data_iter.set_state(data_state)
-        _truncate_metrics(self.run_dir, latest)
+        truncate_metrics(self.run_dir, step)
         return state, data_iter, meta
 
     def evaluate(self, state: dict, eval_batches: list[dict]) -> dict[str, float]:
@@ -190,7 +253,7 @@ class Trainer:
         # unigram entropy of the whole held-out split (the eval batches alone bias it low).
         entropy = heldout_unigram_entropy(self.cfg.data, self.tokenizer)
         counts = param_counts(self.cfg.model)
-        last = _last_record(self.run_dir)
+        last = last_train_record(self.run_dir)
         steps = int(state["step"])
         return {
             "run": self.cfg.run.name,
@@ -203,6 +266,7 @@ class Trainer:
             "params_active": counts["active"],
             "params_trainable": trainable_count(state, self.cfg),
             "compile_s": compile_s,
+            "nonfinite_skipped": int(state[COUNTERS]["total"]),  # steps whose update was dropped, whole run
             **meter.totals(steps),
         }
 
@@ -214,7 +278,7 @@ def make_init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable[[], 
         model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
         _, params, model_state = nnx.split(model, nnx.Param, ...)
         state = {"step": jnp.asarray(0, jnp.int32), "params": params, "model_state": model_state,
-                 "rng": jax.random.PRNGKey(cfg.run.seed + 1)}
+                 "rng": jax.random.PRNGKey(cfg.run.seed + 1), COUNTERS: init_counters()}
         if cfg.finetune.lora.rank > 0:
             state["adapters"] = lora.init_adapters(params, cfg.finetune.lora, cfg.model.is_moe,
                                                    jax.random.PRNGKey(cfg.run.seed + 2))
@@ -288,28 +352,6 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
         shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
         out[key] = jax.make_array_from_process_local_data(sharding, value, shape)
     return out
-
-
-def _mean_metrics(window: list[dict]) -> dict[str, Any]:
-    keys = window[-1].keys()
-    return {k: np.mean(np.stack([np.asarray(m[k]) for m in window]), axis=0) for k in keys}
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop records an interrupted run logged after its last checkpoint (they are redone)."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def _last_record(run_dir: Path) -> dict:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train_records = [r for r in records if "loss" in r]
-    return train_records[-1] if train_records else {}
 
 
 def train(config_path: str | None, overrides: list[str] | None = None) -> dict:
