@@ -39,8 +39,11 @@ class MetricsLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            # No code, git, command-line or environment metadata: a secret typed as an argument
+            # must not reach wandb's files (the resolved config is logged on purpose).
+            quiet = wandb.Settings(disable_code=True, disable_git=True, x_disable_meta=True, x_save_requirements=False)
             self._wandb = wandb.init(project=wandb_project, name=run_name, dir=str(run_dir), mode=wandb_mode,
-                                     config=config, resume="allow", id=_wandb_id(run_dir, run_name))
+                                     config=config, resume="allow", id=_wandb_id(run_dir, run_name), settings=quiet)
         self._bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True,
                          disable=not progress, unit="step")
 
