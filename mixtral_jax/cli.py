@@ -57,8 +57,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _request_host_devices(needed: int) -> None:
-    """Ask XLA for `needed` host CPU devices; only effective before JAX initialises its backend
-    (the `compile` verb calls it first thing). An existing larger count is kept."""
+    """Ask XLA for `needed` host CPU devices: effective only if JAX's backend has not started yet
+    (the `compile` verb calls it first thing; otherwise the device check reports the shortfall).
+    The environment is restored once the backend is up, so child processes never inherit it."""
+    before = {k: os.environ.get(k) for k in ("XLA_FLAGS", "JAX_PLATFORMS")}
     flags = os.environ.get("XLA_FLAGS", "")
     match = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
     if match and int(match.group(1)) >= needed:
@@ -66,6 +68,14 @@ def _request_host_devices(needed: int) -> None:
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={needed}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    jax.devices()  # starts the backend with these settings (a no-op if it already runs)
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

@@ -26,7 +26,9 @@ def test_compile_reports_xla_memory_per_device(capsys):
 
 
 def test_compile_verb_errors_are_one_line(capsys):
+    flags = os.environ.get("XLA_FLAGS")
     assert main(["compile", "--config", "configs/quickstart.yaml", "--mesh", "fsdp=16"]) == 2
+    assert os.environ.get("XLA_FLAGS") == flags  # later subprocesses must not inherit 16 devices
     err = capsys.readouterr().err
     assert "needs 16 devices but JAX has 8" in err and err.count("\n") == 1
     assert main(["compile", "--config", "configs/quickstart.yaml", "--mesh", "fsdb=2"]) == 2
