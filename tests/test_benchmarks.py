@@ -1,10 +1,15 @@
-"""The GPU check must be known to work before a GPU is at hand: run its --smoke mode on CPU."""
+"""Benchmarks must be known to work before they are needed: run their --smoke modes on CPU (the GPU
+check before a GPU is at hand; the CPU performance benchmarks of train step, data pipeline and
+compile time)."""
 
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,3 +25,46 @@ def test_gpu_check_smoke_runs_and_reports_mfu():
         mfu = float(re.search(r"([\d.]+)%\s*$", row).group(1))
         assert 0 < mfu < 100, row
     assert "dropless" in out.stdout and "capacity" in out.stdout  # the dispatch table ran too
+
+
+# ---------------------------------------------------------------- CPU performance benchmarks
+# Each runs its --smoke mode (tiny shapes) and must print its ratio lines; the values are only
+# checked to be finite and positive: targets are for the full runs on a quiet machine.
+
+RATIO = re.compile(r"^ratio (?P<name>.+?): (?P<value>\S+)x \((?P<target>.*)\) (?P<verdict>PASS|MISS)$")
+
+
+def _run_smoke(module: str) -> dict[str, float]:
+    """Run `python -m benchmarks.<module> --smoke` (inheriting the suite's XLA_FLAGS: 8 host
+    devices, of which the benchmarks must use one) and return its ratio lines by name."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--smoke"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ratios = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("ratio "):
+            match = RATIO.match(line)
+            assert match, line
+            ratios[match["name"]] = float(match["value"])
+    for name, value in ratios.items():
+        assert math.isfinite(value) and value > 0, (name, value, out.stdout)
+    return ratios
+
+
+def test_train_step_smoke_prints_ratios():
+    pytest.importorskip("transformers")
+    ratios = _run_smoke("train_step")
+    assert set(ratios) == {"dense ours/torch tokens/s", "moe ours/torch tokens/s", "dense MFU / measured peak",
+                           "ours moe/dense step time", "torch moe/dense step time"}, ratios
+    assert ratios["dense MFU / measured peak"] < 1.5  # an MFU, not a mislabelled throughput
+
+
+def test_data_pipeline_smoke_prints_ratios(corpus_cache):
+    ratios = _run_smoke("data_pipeline")
+    assert {name.split(" / ")[0] for name in ratios} == {"pipeline b4 w0", "pipeline b4 w2"}, ratios
+
+
+def test_compile_time_smoke_prints_ratios():
+    ratios = _run_smoke("compile_time")
+    assert set(ratios) == {"dense compile 32 layers / 4 layers", "moe compile 32 layers / 4 layers"}, ratios
