@@ -89,12 +89,12 @@ def test_router_lr_scale_scales_exactly_the_router_update():
 def test_lora_trains_adapters_only_and_starts_at_the_base_model():
     cfg, mesh, program = _setup("finetune.lora.rank=4", "finetune.lora.alpha=8")
     batch = _batch(cfg, mesh)
-    before, state, losses = _train(program, batch, 25)
+    before, state, losses = _train(program, batch, 15)
     assert not _changed(before, _flat(state["params"]))  # base weights untouched
     _, _, base = _setup()
     _, _, base_losses = _train(base, batch, 1)
     assert losses[0] == pytest.approx(base_losses[0], abs=1e-6)  # B = 0: the merged model is the base
-    assert losses[-1] < losses[0] - 0.25  # adapters alone fit the fixed batch (measured drop: 0.41)
+    assert losses[-1] < losses[0] - 0.15  # adapters alone fit the fixed batch (measured drop at 25 steps: 0.41)
     adapters = _flat(state["adapters"])
     assert set(name.rsplit(".", 1)[0] for name in adapters) == {
         "blocks.attn.wq", "blocks.attn.wk", "blocks.attn.wv", "blocks.attn.wo",
@@ -175,16 +175,16 @@ def test_instruction_finetune_lowers_masked_loss_and_ignores_prompt_tokens(tmp_p
     from flax import nnx
 
     base = ["configs/quickstart.yaml", [f"run.out_dir={tmp_path}", *SMALL]]
-    pretrained = Trainer(load_config(base[0], [*base[1], "run.name=pre", "train.steps=10"]))
+    pretrained = Trainer(load_config(base[0], [*base[1], "run.name=pre", "train.steps=4"]))
     pretrained.fit()
     data = _instruct_jsonl(tmp_path / "capitals.jsonl")
-    cfg = load_config(base[0], [*base[1], "run.name=sft", "train.steps=40", "train.log_every=1",
+    cfg = load_config(base[0], [*base[1], "run.name=sft", "train.steps=30", "train.log_every=1",
                                 f"train.init_from={pretrained.run_dir}", f"data.source=instruct:{data}",
                                 f"data.tokenizer.path={pretrained.run_dir / 'tokenizer.model'}",
                                 "finetune.router_lr_scale=0.1"])
     Trainer(cfg).fit()
     losses = [r["lm_loss"] for r in read_metrics(cfg.run_dir) if "lm_loss" in r]
-    assert len(losses) == 40
+    assert len(losses) == 30
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), losses  # the masked (response-only) loss
 
     # Prompt tokens contribute nothing: rewriting every target outside the mask leaves the loss
