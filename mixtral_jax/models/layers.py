@@ -104,7 +104,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        x = x.astype(dt)
-        gate = x @ self.w_gate[...].astype(dt)
-        up = x @ self.w_up[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+        # Token rows flattened to one matrix axis: on [B, T, D] the CPU compiler fused silu's
+        # backward with a transposed copy of the activations (measured ~15% of a dense step).
+        rows = x.reshape(-1, x.shape[-1]).astype(dt)
+        gate = rows @ self.w_gate[...].astype(dt)
+        up = rows @ self.w_up[...].astype(dt)
+        out = (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
