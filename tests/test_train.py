@@ -34,9 +34,12 @@ def test_short_run_lowers_heldout_loss(tmp_path, corpus_cache):
     records = [r for r in read_metrics(cfg.run_dir) if "loss" in r]
     for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "tokens_seen", "step_time_s",
                 "tokens_per_s", "model_tflops_per_s", "mfu", "device_hours", "cost_usd", "projected_device_hours",
+                "data_wait_s",
                 "projected_cost_usd", "moe/load_max_over_mean", "moe/load_cv", "moe/dropped_fraction",
                 "moe/router_entropy", "moe/expert_load"):
         assert key in records[-1], key
+    # The input pipeline keeps up: fetching a batch takes a small part of a step.
+    assert 0 <= records[-1]["data_wait_s"] < 0.5 * records[-1]["step_time_s"]
     load = records[-1]["moe/expert_load"]
     assert len(load) == 2 and len(load[0]) == 8 and abs(sum(load[0]) - 1.0) < 1e-5
     assert summary["steps"] == 60 and summary["eval_loss"] == pytest.approx(evals[-1])

@@ -157,9 +157,11 @@ class Trainer:
         last_saved = start or None
         step_fn, compile_s = None, 0.0
         window: list[dict] = []
+        data_wait = 0.0  # host seconds spent getting batches in this log window
         eval_metrics: dict[str, float] = {}
         try:
             for step in range(start, last_step):
+                fetch_start = time.perf_counter()
                 local = next(data_iter)
                 if step_fn is None:  # compile ahead of time so the device clock never counts it
                     check_token_ids(local, cfg.model.vocab_size)
@@ -171,6 +173,7 @@ class Trainer:
                     meter.clock.start()
                 else:
                     batch = global_batch(local, to_device)
+                    data_wait += time.perf_counter() - fetch_start
                 state, metrics = step_fn(state, batch)
                 window.append(metrics)
                 done = step + 1
@@ -180,9 +183,11 @@ class Trainer:
                     host = jax.device_get(window)  # waits for the steps to finish
                     guard.check([m[STREAK] for m in host], done - len(host) + 1, last_saved)
                     record = window_record(host, SKIPPED, internal=(STREAK,))
-                    record.update(tokens_seen=done * meter.tokens_per_step,
+                    # Batches are fetched while the previous step runs (dispatch is asynchronous),
+                    # so this is an upper bound on how long training waited for data.
+                    record.update(tokens_seen=done * meter.tokens_per_step, data_wait_s=data_wait / len(window),
                                   **meter.window(len(window), time.perf_counter() - window_start, done))
-                    window, window_start = [], time.perf_counter()
+                    window, window_start, data_wait = [], time.perf_counter(), 0.0
                 if done % cfg.train.eval_every == 0 or done == last_step:
                     jax.block_until_ready(state)
                     meter.clock.pause()  # eval time is not training time
