@@ -204,3 +204,32 @@ def test_instruction_finetune_lowers_masked_loss_and_ignores_prompt_tokens(tmp_p
     row, col = map(int, np.argwhere(mask)[0])
     one[row, col] = (one[row, col] + 7) % cfg.model.vocab_size
     assert abs(loss(dict(batch, targets=one)) - reference) > 1e-4
+
+
+def test_lora_run_exports_merged_weights_that_transformers_loads(tmp_path, corpus_cache):
+    """A LoRA fine-tune's export holds W + (alpha / r) A B: transformers' logits on the exported
+    directory equal the merged model's, and differ from the base run's (the adapters trained)."""
+    torch = pytest.importorskip("torch", reason="compares against transformers")
+    transformers = pytest.importorskip("transformers", reason="compares against transformers")
+    from mixtral_jax.interop.convert import export_hf
+    from mixtral_jax.training.evaluate import load_run_model
+    from mixtral_jax.training.trainer import Trainer
+
+    common = [f"run.out_dir={tmp_path}", *SMALL, "model.moe.num_experts=4"]
+    base = Trainer(load_config("configs/quickstart.yaml", [*common, "run.name=base", "train.steps=2"]))
+    base.fit()
+    tuned = load_config("configs/quickstart.yaml", [
+        *common, "run.name=lora", "train.steps=3", "optim.lr=3e-2", "finetune.lora.rank=4",
+        f"train.init_from={base.run_dir}", f"data.tokenizer.path={base.run_dir / 'tokenizer.model'}"])
+    Trainer(tuned).fit()
+    out = export_hf(tuned.run_dir, tmp_path / "exported")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32,
+                                                                 attn_implementation="eager").eval()
+    tokens = np.random.default_rng(0).integers(3, 200, size=(2, 24))
+    with torch.no_grad():
+        theirs = hf_model(torch.from_numpy(tokens)).logits.numpy()
+    merged, _, _ = load_run_model(tuned.run_dir)
+    base_model, _, _ = load_run_model(base.run_dir)
+    ours = np.asarray(merged(jax.numpy.asarray(tokens)).logits)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert np.abs(ours - np.asarray(base_model(jax.numpy.asarray(tokens)).logits)).max() > 1e-3
