@@ -39,19 +39,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mixtral_jax.generate import generate_text, load_tokenizer
+    from mixtral_jax.generate import generate_text
 
-    run_dir = Path(args.run)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    prompt_ids = None
-    if args.chat:
-        from mixtral_jax.data.instruct import chat_prompt_ids
-
-        tokenizer = load_tokenizer(run_dir, load_config(run_dir / "config.yaml"))
-        prompt_ids = chat_prompt_ids(tokenizer, args.prompt, system=args.system)
-    text = generate_text(run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_ids=prompt_ids)
+    text = generate_text(Path(args.run), args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system)
     print(text if args.chat else args.prompt + text)
     return 0
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax.data.instruct import chat_prompt_ids
 from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from mixtral_jax.models.attention import KVCache
 from mixtral_jax.models.transformer import Transformer
@@ -169,17 +170,24 @@ def generate_text(
     top_p: float = 1.0,
     seed: int = 0,
     prompt_ids: Sequence[int] | None = None,
+    chat: bool = False,
+    system: str | None = None,
 ) -> str:
     """Continue `prompt` with a run's latest checkpoint and return only the new text.
 
-    The prompt is encoded as [BOS] + tokens, unless prompt_ids is given (e.g. an already
-    chat-formatted prompt), which is used as is. Generation stops at the tokenizer's EOS,
-    which is not part of the returned text.
+    The prompt is encoded as [BOS] + tokens; with chat=True it is the user message of the
+    Mistral instruct template (after an optional system message); prompt_ids, when given, are
+    used as is. Generation stops at the tokenizer's EOS, which is not part of the returned text.
     """
     run_dir = Path(run_dir)
     model, cfg, _ = load_run_model(run_dir)
     tokenizer = load_tokenizer(run_dir, cfg)
-    ids = list(prompt_ids) if prompt_ids is not None else [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    if prompt_ids is not None:
+        ids = list(prompt_ids)
+    elif chat:  # the prompt is the user message of a Mistral instruct conversation
+        ids = chat_prompt_ids(tokenizer, prompt, system=system)
+    else:
+        ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
     new = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, eos_id=tokenizer.eos_id, seed=seed)
     if new and new[-1] == tokenizer.eos_id:

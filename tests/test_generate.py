@@ -200,3 +200,9 @@ def test_generate_text_wiring(tmp_path, monkeypatch):
     assert generate_text(tmp_path, "98", max_new_tokens=3) == str(first[0])
     assert seen["run_dir"] == tmp_path
     assert generate_text(str(tmp_path), "ignored", max_new_tokens=1, prompt_ids=[1, 9, 8]) == str(first[0])
+    # chat=True: the prompt is the user turn of the instruct template, built by chat_prompt_ids
+    chats = []
+    monkeypatch.setattr(gen, "chat_prompt_ids",
+                        lambda tok, text, system=None: chats.append((text, system)) or [1, 9, 8])
+    assert generate_text(tmp_path, "98", max_new_tokens=1, chat=True, system="be brief") == str(first[0])
+    assert chats == [("98", "be brief")]
