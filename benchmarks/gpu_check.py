@@ -38,6 +38,9 @@ SMOKE = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_d
              max_seq_len=64, sliding_window=None, dtype="float32", param_dtype="float32", remat="none")
 
 
+SMOKE_VARIANTS = ("dense", "moe dropless, mesh")  # the Trainer's own paths; the rest differ only in config
+
+
 def build(model: dict, moe: MoEConfig, seq_len: int, batch: int) -> Config:
     cfg = Config(model=ModelConfig(**model, moe=moe), data=DataConfig(seq_len=seq_len, batch_size=batch),
                  optim=OptimConfig(warmup_steps=2))
@@ -82,13 +85,33 @@ def time_train_step(cfg: Config, steps: int, under_mesh: bool = False) -> dict:
             "model_tflops_per_s": tokens_per_s * fpt / 1e12, "loss": loss}
 
 
+def variants(trunk: dict, seq: int, batch: int) -> dict[str, tuple[Config, bool]]:
+    """name -> (config, traced under a one-device mesh). The first of each model is the default
+    configuration; the others change one lever each, so every ratio is measured in this run."""
+    half = {**trunk, "n_layers": max(trunk["n_layers"] // 2, 1)}
+    dropless = MoEConfig(num_experts=8, top_k=2, dispatch="dropless")
+    return {
+        "dense": (build(trunk, MoEConfig(num_experts=0), seq, batch), False),
+        "dense, plain attention": (build({**trunk, "attention_impl": "plain"}, MoEConfig(num_experts=0), seq, batch),
+                                   False),
+        "dense, remat none": (build({**trunk, "remat": "none"}, MoEConfig(num_experts=0), seq, batch), False),
+        "moe dropless": (build(half, dropless, seq, batch), False),
+        "moe dropless, mesh": (build(half, dropless, seq, batch), True),
+        "moe capacity 1.25": (build(half, dataclasses.replace(dropless, dispatch="capacity"), seq, batch), False),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, float32: check the code path on a CPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--only", action="append", default=[], help="run only variants whose name contains this")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="start no new variant after this many seconds (the whole check must fit 8 minutes)")
+    parser.add_argument("--json", help="also write the results to this file (rewritten after every variant)")
     args = parser.parse_args()
+    began = time.perf_counter()
     trunk, seq = (SMOKE, 64) if args.smoke else (TRUNK, 2048)
     steps = args.steps or (2 if args.smoke else 10)
     batch = args.batch or (2 if args.smoke else 4)
@@ -96,29 +119,37 @@ def main() -> None:
     peak, source = peak_tflops(hardware, dtype=trunk["dtype"])
     print(f"device: {jax.devices()[0].device_kind} ({hardware}); peak {peak:g} TFLOP/s ({source}); "
           f"jax {jax.__version__}; seq {seq}, batch {batch}", flush=True)
-    moe = build({**trunk, "n_layers": max(trunk["n_layers"] // 2, 1)},
-                MoEConfig(num_experts=8, top_k=2, dispatch="dropless"), seq, batch)
-    runs = {  # name -> (config, traced under a mesh)
-        "dense": (build(trunk, MoEConfig(num_experts=0), seq, batch), False),
-        "moe 8x top-2 (dropless)": (moe, False),
-        "moe, under a mesh": (moe, True),
-    }
-    results = {}
-    print(f"{'model':<26} {'layers':>6} {'params':>8} {'active':>8} {'compile s':>9} {'step s':>8} "
-          f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    runs = {name: run for name, run in variants(trunk, seq, batch).items()
+            if (name in SMOKE_VARIANTS if args.smoke and not args.only else any(o in name for o in args.only or [""]))}
+    results: dict[str, dict] = {}
+    print(f"{'variant':<24} {'layers':>6} {'params':>8} {'active':>8} {'compile s':>9} {'step s':>8} "
+          f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}", flush=True)
     for name, (cfg, under_mesh) in runs.items():
-        r = time_train_step(cfg, steps, under_mesh)
+        if time.perf_counter() - began > args.budget_s:
+            print(f"{name:<24} skipped: the {args.budget_s:.0f} s budget is spent", flush=True)
+            continue
+        try:  # one variant failing (a kernel the card lacks, memory) must not cost the others
+            r = time_train_step(cfg, steps, under_mesh)
+        except Exception as e:  # noqa: BLE001 - reported, and the check goes on
+            print(f"{name:<24} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            continue
         r["mfu"] = r["model_tflops_per_s"] / peak
         results[name] = {**r, "n_layers": cfg.model.n_layers, "model": dataclasses.asdict(cfg.model)}
-        print(f"{name:<26} {cfg.model.n_layers:>6} {r['params_total'] / 1e9:>7.2f}B {r['params_active'] / 1e9:>7.2f}B "
+        print(f"{name:<24} {cfg.model.n_layers:>6} {r['params_total'] / 1e9:>7.2f}B {r['params_active'] / 1e9:>7.2f}B "
               f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
               f"{r['model_tflops_per_s']:>8.1f} {r['mfu']:>6.1%}", flush=True)
         assert np.isfinite(r["loss"]), f"{name}: non-finite loss {r['loss']}"
-    mesh_ratio = results["moe, under a mesh"]["step_s"] / results["moe 8x top-2 (dropless)"]["step_s"]
-    print(f"MoE step time under a one-device mesh (shard_map dispatch) / plain jit: {mesh_ratio:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "peak_tflops": peak, "results": results}, f, indent=2)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": jax.devices()[0].device_kind, "peak_tflops": peak, "results": results}, f,
+                          indent=2)
+    for name in runs:
+        base = "dense" if name.startswith("dense") else "moe dropless"
+        if name != base and "step_s" in results.get(name, {}) and "step_s" in results.get(base, {}):
+            print(f"step time {name} / {base}: {results[name]['step_s'] / results[base]['step_s']:.2f}x")
+    if args.smoke and any("error" in r for r in results.values()):
+        raise SystemExit("a variant failed")
 
 
 if __name__ == "__main__":

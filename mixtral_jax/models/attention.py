@@ -81,16 +81,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, h, d)
 
 
+def library_implementation(q: jax.Array) -> str | None:
+    """Which kernel `jax.nn.dot_product_attention` should run, decided at trace time.
+
+    Its default (None) is XLA's composition on every backend, which materialises the scores like
+    our plain path; cuDNN's flash kernel must be asked for by name. It takes 16-bit inputs with a
+    head dim that is a multiple of 8 up to 128 (the sizes it supports on every NVIDIA
+    architecture), so float32 runs and other head dims stay on XLA."""
+    head_dim = q.shape[-1]
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
+        return "cudnn"
+    return None
+
+
 def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                       window: int | None) -> jax.Array:
     """The same attention through `jax.nn.dot_product_attention`: causality and the window as the
     kernel's own is_causal / local_window_size (what cuDNN's flash kernel skips blocks by), packed
-    documents as a boolean mask. Row index order equals position order within a document, so
-    this is the mask `attention_mask` builds from positions."""
+    documents as a boolean mask (cuDNN adds it as a bias). Row index order equals position order
+    within a document, so this is the mask `attention_mask` builds from positions."""
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     window_size = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=True,
-                                        local_window_size=window_size)
+                                        local_window_size=window_size, implementation=library_implementation(q))
 
 
 class Attention(nnx.Module):
