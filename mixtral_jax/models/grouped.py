@@ -6,13 +6,14 @@
 It sorts the N * k slots by expert once, lays the rows out for the backend's grouped matmul,
 gathers x into that layout and gathers the results back per slot. (A custom backward making
 both moves gathers instead of scatter-adds was tried: no measurable change on CPU.)
-Two grouped matmuls, chosen by backend in `slot_swiglu`:
-- `ragged_slot_swiglu` (GPU, TPU): rows sorted by expert, `jax.lax.ragged_dot`, which JAX lowers
-  to XLA's ragged-dot instruction on TPU (not measured here). On CPU, JAX lowers ragged_dot to
-  one dense matmul over a masked [E, M, D] copy of the input (measured 9x a dense layer of the
-  same active FLOPs at E=8, k=2), and on GPU (H100, jax 0.11.2) it was likewise expanded to E
-  dense matmuls: 5-14x. A fast GPU grouped matmul is still to do; there `capacity` dispatch is
-  the fast path for now (1.4-1.7x).
+Three grouped matmuls, chosen by backend and dtype in `slot_swiglu`:
+- `pallas_slot_swiglu` (GPU, 16-bit compute): the padded-block layout below, each matmul one
+  Pallas (Triton) kernel that reads its block's expert from a table (`grouped_pallas`). XLA's GPU
+  `ragged_dot` expands into one dense matmul per expert (measured 7.7x a dense layer of equal
+  FLOPs on an H100, jax 0.11.2, with or without its experimental cuDNN ragged-dot flag).
+- `ragged_slot_swiglu` (TPU, and GPU float32): rows sorted by expert, `jax.lax.ragged_dot`,
+  which XLA lowers to its ragged-dot instruction on TPU (not measured here). On CPU, JAX lowers
+  it to one dense matmul over a masked [E, M, D] copy of the input (measured 9x).
 - `blocked_slot_swiglu` (CPU): each expert's rows padded to whole blocks of b rows, and a loop
   over the used blocks runs one [b, D] x [D, H] SwiGLU with that block's expert weights. The
   backward pass is hand-written (custom_vjp) so weight gradients accumulate in place per expert:
@@ -28,6 +29,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from mixtral_jax.models import grouped_pallas
+from mixtral_jax.models.grouped_pallas import BlockLayout, KernelConfig, grouped_matmul
 
 
 def take_rows(src: jax.Array, index: jax.Array) -> jax.Array:
@@ -161,17 +165,24 @@ def ragged_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
     return _move(x, order, row_of_slot, k, lambda xs: ragged_swiglu(xs, group_sizes, w_gate, w_up, w_down))
 
 
-def blocked_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                        w_down: jax.Array, block: int | None = None) -> jax.Array:
-    """slot_swiglu with each expert's rows padded to whole blocks and the block loop (CPU)."""
+def _padded_rows(expert_ids: jax.Array, num_experts: int, b: int):
+    """The sorted rows with each expert's padded to whole blocks of b: (slot_of_row, row_of_slot,
+    block_expert, used blocks, block count, blocks per expert)."""
     n, k = expert_ids.shape
-    d = x.shape[1]
-    order, group_sizes = _sorted_layout(expert_ids, w_gate.shape[0])
-    b = block or block_size(n * k, w_gate.shape[0])
+    order, group_sizes = _sorted_layout(expert_ids, num_experts)
     dest, block_expert, n_used, num_blocks = _block_layout(group_sizes, n * k, b)
     row_of_slot = jnp.zeros_like(order).at[order].set(dest.astype(jnp.int32), unique_indices=True)
     # padding rows name slot n*k (out of range): they gather zeros and are never gathered back
     slot_of_row = jnp.full((num_blocks * b,), n * k, jnp.int32).at[dest].set(order, unique_indices=True)
+    return slot_of_row, row_of_slot, block_expert, n_used, num_blocks, (group_sizes + b - 1) // b
+
+
+def blocked_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                        w_down: jax.Array, block: int | None = None) -> jax.Array:
+    """slot_swiglu with each expert's rows padded to whole blocks and the block loop (CPU)."""
+    d, k = x.shape[1], expert_ids.shape[1]
+    b = block or block_size(expert_ids.size, w_gate.shape[0])
+    slot_of_row, row_of_slot, block_expert, n_used, num_blocks, _ = _padded_rows(expert_ids, w_gate.shape[0], b)
 
     def compute(xp):
         out = _blocked(xp.reshape(num_blocks, b, d), block_expert, n_used, w_gate, w_up, w_down)
@@ -180,9 +191,35 @@ def blocked_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, 
     return _move(x, slot_of_row, row_of_slot, k, compute)
 
 
+def pallas_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                       w_down: jax.Array, block: int = 128, config: KernelConfig = grouped_pallas.DEFAULT,
+                       interpret: bool = False) -> jax.Array:
+    """slot_swiglu in the same padded-block layout, each matmul one Pallas grouped-matmul kernel
+    (`grouped_pallas`, GPU; `interpret` runs it on a CPU)."""
+    k = expert_ids.shape[1]
+    slot_of_row, row_of_slot, block_expert, n_used, num_blocks, blocks = _padded_rows(
+        expert_ids, w_gate.shape[0], block)
+    used = jnp.arange(num_blocks) < n_used
+    layout = BlockLayout(jnp.where(used, block_expert, -1).astype(jnp.int32),
+                         jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks).astype(jnp.int32)]), block)
+
+    def compute(xp):
+        gate = grouped_matmul(xp, w_gate, layout, config, interpret)
+        up = grouped_matmul(xp, w_up, layout, config, interpret)
+        return grouped_matmul(jax.nn.silu(gate) * up, w_down, layout, config, interpret)
+
+    return _move(x, slot_of_row, row_of_slot, k, compute)
+
+
 def slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                 w_down: jax.Array) -> jax.Array:
     """[N, k, D]: every (token, slot) through its expert, with the backend's grouped matmul
     (decided at trace time)."""
-    impl = blocked_slot_swiglu if jax.default_backend() == "cpu" else ragged_slot_swiglu
+    backend = jax.default_backend()
+    if backend == "cpu":
+        impl = blocked_slot_swiglu
+    elif backend == "gpu" and grouped_pallas.supported(x.shape[1], w_gate.shape[-1], x.dtype):
+        impl = pallas_slot_swiglu
+    else:
+        impl = ragged_slot_swiglu
     return impl(x, expert_ids, w_gate, w_up, w_down)
