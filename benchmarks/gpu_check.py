@@ -97,6 +97,7 @@ def variants(trunk: dict, seq: int, batch: int) -> dict[str, tuple[Config, bool]
         "dense, remat none": (build({**trunk, "remat": "none"}, MoEConfig(num_experts=0), seq, batch), False),
         "moe dropless": (build(half, dropless, seq, batch), False),
         "moe dropless, mesh": (build(half, dropless, seq, batch), True),
+        "moe dropless, remat none": (build({**half, "remat": "none"}, dropless, seq, batch), False),
         "moe capacity 1.25": (build(half, dataclasses.replace(dropless, dispatch="capacity"), seq, batch), False),
     }
 

@@ -61,6 +61,14 @@ def supported(dim: int, hidden: int, dtype: jnp.dtype) -> bool:
         tile_for(hidden) is not None
 
 
+def _out_struct(shape: tuple[int, ...], dtype: jnp.dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
+    """The kernel's output type, varying over the same manual mesh axes as its inputs: under
+    `shard_map` (the expert-parallel path) pallas_call must be told, or it refuses to trace."""
+    mats = [getattr(jax.typeof(a), "manual_axis_type", None) for a in like]
+    mat = max(mats, key=lambda m: len(getattr(m, "varying", ())))  # the widest: outputs vary where any input does
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
 def _params(config: KernelConfig) -> plt.CompilerParams:
     return plt.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -94,7 +102,7 @@ def _gmm(x: jax.Array, w: jax.Array, layout: BlockLayout, transpose_w: bool, con
     n = w.shape[1] if transpose_w else w.shape[2]
     bn, bk = tile_for(n, config.bn), tile_for(depth, config.bk)
     kernel = functools.partial(_gmm_kernel, bm=layout.bm, bn=bn, bk=bk, transpose_w=transpose_w)
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(m // layout.bm, n // bn),
+    return pl.pallas_call(kernel, out_shape=_out_struct((m, n), x.dtype, x, w), grid=(m // layout.bm, n // bn),
                           compiler_params=_params(config), interpret=interpret, name="grouped_matmul")(
         layout.block_expert, x, w)
 
@@ -118,7 +126,7 @@ def _tgmm(x: jax.Array, dy: jax.Array, layout: BlockLayout, out_dtype: jnp.dtype
     num_experts = layout.block_bounds.shape[0] - 1
     bk, bn = tile_for(depth, config.bk), tile_for(n, config.bn)
     kernel = functools.partial(_tgmm_kernel, bm=layout.bm, bk=bk, bn=bn)
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((num_experts, depth, n), out_dtype),
+    return pl.pallas_call(kernel, out_shape=_out_struct((num_experts, depth, n), out_dtype, x, dy),
                           grid=(num_experts, depth // bk, n // bn), compiler_params=_params(config),
                           interpret=interpret, name="grouped_matmul_weight_grad")(layout.block_bounds, x, dy)
 
