@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check, sized for one H100/H200 in under 8 minutes (JAX CUDA build, flax, optax; no
-# network): bf16 train-step tokens/s and MFU of a ~0.9B dense trunk and its 8-expert top-2
-# version at seq 2048, then the MoE dispatch paths' ratios to a dense layer of equal active
+# network; its parts took ~4-5 min on an H100, run in pieces): bf16 train-step tokens/s and MFU of a ~0.9B dense trunk and its
+# 8-expert top-2 version at seq 2048 with one-lever variants, the attention kernels, the grouped
+# matmul against ragged_dot, and the MoE dispatch paths' ratios to a dense layer of equal active
 # FLOPs. `--smoke` runs the same code paths on a CPU in about a minute (the test suite does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--smoke" ]; then
   "$PY" benchmarks/gpu_check.py --smoke
+  "$PY" benchmarks/grouped_matmul.py --smoke
   "$PY" -m benchmarks.moe_dispatch --config 512,8,2,64 --reps 2
 else
   "$PY" benchmarks/gpu_check.py "$@"
-  "$PY" -m benchmarks.moe_dispatch --dtype bfloat16 --reps 10 \
+  "$PY" benchmarks/attention.py
+  "$PY" benchmarks/grouped_matmul.py
+  "$PY" -m benchmarks.moe_dispatch --dtype bfloat16 --reps 10 --max-gflop 1e9 \
     --config 16384,8,2,1024 --config 16384,8,2,2048 --config 65536,8,2,1024 \
     --config 16384,64,8,1024 --config 16384,16,1,1024
 fi
