@@ -63,7 +63,7 @@ def main() -> None:
           f"{jnp.dtype(dtype).name}, median of {reps}")
     base = timed(dense, (x, *dense_w), reps)
     ref_loss, ref_grads = loss_and_grads(ragged_slot_swiglu)(x, *ws, ids)
-    print(f"dense equivalent: {base * 1e3:.2f} ms")
+    print(f"equal-FLOPs dense SwiGLU: {base * 1e3:.2f} ms")
     rows = {"ragged_dot": (ragged_slot_swiglu, None)}
     for config in (SWEEP[:1] if args.smoke else SWEEP):
         def fn(x, ids, wg, wu, wd, config=config):

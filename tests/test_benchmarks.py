@@ -25,6 +25,7 @@ def test_gpu_check_smoke_runs_and_reports_mfu():
         mfu = float(re.search(r"([\d.]+)%\s*$", row).group(1))
         assert 0 < mfu < 100, row
     assert "dropless" in out.stdout and "capacity" in out.stdout  # the dispatch table ran too
+    assert re.search(r"^pallas .* max grad error", out.stdout, re.M)  # and the grouped-matmul check
 
 
 # ---------------------------------------------------------------- CPU performance benchmarks
