@@ -38,6 +38,11 @@ from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a file: make `mixtral_jax` and `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mixtral_jax.host_allocator import reexec_with_tunables  # noqa: E402
+
+# Run under the heap settings `mixtral-jax train` restarts itself with (host_allocator.py); the
+# torch peer shares the process, so it gets them too.
+reexec_with_tunables()
 # torch's OpenMP workers otherwise spin-wait between parallel regions, which on a loaded 2-core
 # machine measured up to 2x slower, erratic torch steps: passive waiting is the stronger peer here.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -385,9 +390,11 @@ def main() -> None:
         f"{threads()} threads, jax {jax.__version__}, torch {torch.__version__}; float32, batch {batch}, seq {seq}, "
         f"dim {trunk['dim']}, layers {trunk['n_layers']}, heads {trunk['n_heads']}/{trunk['n_kv_heads']}, "
         f"hidden {trunk['hidden_dim']}, vocab {trunk['vocab_size']}, attention_impl {attention}, remat "
-        f"{trunk['remat']}; MoE {MOE.num_experts} experts top-{MOE.top_k} {MOE.dispatch}; {rounds} rounds")
+        f"{trunk['remat']}; MoE {MOE.num_experts} experts top-{MOE.top_k} {MOE.dispatch}; {rounds} rounds; "
+        f"GLIBC_TUNABLES {os.environ.get('GLIBC_TUNABLES')}")
     meta = {"threads": threads(), "batch": batch, "seq": seq, "trunk": trunk, "rounds": rounds,
-            "attention_impl": attention, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "attention_impl": attention, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     results = ({name: profile(cfg, name, rounds, say) for name, cfg in cfgs.items()} if args.profile
                else benchmark(cfgs, rounds, 1 if args.smoke else 3, args.hf_experts, say))
     if args.json:

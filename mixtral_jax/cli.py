@@ -356,5 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry() -> NoReturn:
+    """The `mixtral-jax` command: restart once with the host allocator settings, then run."""
+    from mixtral_jax.host_allocator import reexec_with_tunables
+
+    reexec_with_tunables()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
