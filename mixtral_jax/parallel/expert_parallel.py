@@ -48,9 +48,11 @@ def dispatch_mesh(num_tokens: int, num_experts: int):
 
     Any mesh, not only one with an expert axis: with `expert` = 1 the exchange is local and
     each device runs the grouped matmul over its own tokens only, where SPMD partitioning of
-    the global sort would replicate that loop on every device."""
+    the global sort would replicate that loop on every device. None on a one-device mesh too:
+    there the exchange moves nothing and the shard_map only adds copies (measured 1.04x the
+    plain step's time on an H200)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or math.prod(mesh.shape.values()) == 1:
         return None
     token_split = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if num_experts % mesh.shape[EXPERT_AXIS] or num_tokens % token_split:
