@@ -25,13 +25,37 @@ def trainable_key(cfg: Config) -> str:
     return "adapters" if cfg.finetune.lora.rank > 0 else "params"
 
 
+@jax.custom_vjp
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per token, float32 logits [..., V], int targets [...].
+
+    Hand-written gradient: the forward keeps the softmax it computes for log Z, so the backward
+    is (softmax - onehot) * g with no second pass of exponentials over [tokens, V]; autodiff
+    recomputed them, fused into both LM-head gradient matmuls (measured 2.4% of a CPU dense step)."""
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def _token_nll_fwd(logits: jax.Array, targets: jax.Array):
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    exp = jnp.exp(logits - top)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    log_z = (top + jnp.log(total))[..., 0]
+    return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], (exp / total, targets)
+
+
+def _token_nll_bwd(res, g):
+    probs, targets = res
+    onehot = jnp.arange(probs.shape[-1]) == targets[..., None]
+    return (probs - onehot) * g[..., None], None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Sum of masked token cross-entropies and the number of counted tokens (float32)."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = mask.astype(jnp.float32)
-    return jnp.sum((log_z - target_logit) * mask), jnp.sum(mask)
+    return jnp.sum(token_nll(logits.astype(jnp.float32), targets) * mask), jnp.sum(mask)
 
 
 def router_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
