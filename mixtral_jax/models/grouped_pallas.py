@@ -6,7 +6,7 @@ The rows come in the layout `grouped.blocked_slot_swiglu` already uses on CPU: s
 each expert's rows padded to whole blocks of `bm` rows, so every block belongs to one expert.
 XLA's GPU `ragged_dot` expands into one dense matmul per expert (measured 7.7x a dense layer of
 equal FLOPs on an H100); a kernel that reads each block's expert from a table does the grouped
-product at matmul cost. Three kernels:
+product at matmul cost. Two kernels, three calls per matmul:
 - `_gmm`:  out[block i] = x[block i] @ w[e_i]          (forward; w transposed: the input gradient)
 - `_tgmm`: dw[e] = sum over e's blocks of x[b]^T @ dy[b] (weight gradient; a loop over the
   expert's own blocks, so its cost is the expert's rows, not all rows)
@@ -62,8 +62,9 @@ def supported(dim: int, hidden: int, dtype: jnp.dtype) -> bool:
 
 
 def _out_struct(shape: tuple[int, ...], dtype: jnp.dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
-    """The kernel's output type, varying over the same manual mesh axes as its inputs: under
-    `shard_map` (the expert-parallel path) pallas_call must be told, or it refuses to trace."""
+    """The kernel's output type, varying over the same manual mesh axes as its inputs: under a
+    checked `shard_map` pallas_call must be told, or it refuses to trace. (The expert-parallel
+    shard_map is unchecked, because Pallas' interpret mode fails those checks.)"""
     mats = [getattr(jax.typeof(a), "manual_axis_type", None) for a in like]
     mat = max(mats, key=lambda m: len(getattr(m, "varying", ())))  # the widest: outputs vary where any input does
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
