@@ -19,8 +19,10 @@ import numpy as np
 from mixtral_jax.models.grouped import pallas_slot_swiglu, ragged_slot_swiglu
 from mixtral_jax.models.grouped_pallas import DEFAULT, KernelConfig
 
-SWEEP = [DEFAULT, DEFAULT._replace(num_warps=8), DEFAULT._replace(bk=32), DEFAULT._replace(num_stages=4),
-         DEFAULT._replace(bn=64)]
+SWEEP = [  # (rows per block, kernel config); the first is what the model runs
+    (128, DEFAULT), (128, DEFAULT._replace(num_warps=8)), (128, DEFAULT._replace(num_stages=4)),
+    (128, DEFAULT._replace(bn=256, num_warps=8)), (64, DEFAULT), (256, DEFAULT._replace(num_warps=8)),
+]
 
 
 def timed(fn, args, reps: int) -> float:
@@ -65,10 +67,10 @@ def main() -> None:
     ref_loss, ref_grads = loss_and_grads(ragged_slot_swiglu)(x, *ws, ids)
     print(f"equal-FLOPs dense SwiGLU: {base * 1e3:.2f} ms")
     rows = {"ragged_dot": (ragged_slot_swiglu, None)}
-    for config in (SWEEP[:1] if args.smoke else SWEEP):
-        def fn(x, ids, wg, wu, wd, config=config):
-            return pallas_slot_swiglu(x, ids, wg, wu, wd, config=config, interpret=args.smoke)
-        rows[f"pallas {tuple(config)}"] = (fn, config)
+    for block, config in (SWEEP[:1] if args.smoke else SWEEP):
+        def fn(x, ids, wg, wu, wd, block=block, config=config):
+            return pallas_slot_swiglu(x, ids, wg, wu, wd, block=block, config=config, interpret=args.smoke)
+        rows[f"pallas {block} rows {tuple(config)}"] = (fn, config)
     for name, (fn, _) in rows.items():
         try:
             step = loss_and_grads(fn)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-TILES = (128, 64, 32, 16)  # Triton wants power-of-two tiles of at least 16 for its dot
+TILES = (256, 128, 64, 32, 16)  # Triton wants power-of-two tiles of at least 16 for its dot
 
 
 class KernelConfig(NamedTuple):
@@ -50,7 +50,7 @@ class BlockLayout(NamedTuple):
     bm: int
 
 
-def tile_for(size: int, largest: int = TILES[0]) -> int | None:
+def tile_for(size: int, largest: int = 128) -> int | None:
     return next((t for t in TILES if t <= largest and size % t == 0), None)
 
 
