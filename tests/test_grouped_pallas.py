@@ -77,3 +77,29 @@ def test_supported_sizes_and_dtypes():
     assert grouped_pallas.supported(4096, 14336, jnp.bfloat16)  # Mixtral 8x7B
     assert not grouped_pallas.supported(4096, 14336, jnp.float32)  # float32 stays on ragged_dot
     assert not grouped_pallas.supported(4096, 14337, jnp.bfloat16)  # no tile divides the width
+
+
+def _kernel_calls(policy) -> dict[str, int]:
+    """Pallas kernel launches in the CUDA lowering of the grouped SwiGLU's gradient under remat."""
+    import re
+
+    n, k, e, d, h = 512, 2, 4, 128, 256
+    shapes = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((n, d), (e, d, h), (e, d, h), (e, h, d))]
+    layer = jax.checkpoint(lambda x, wg, wu, wd, ids: pallas_slot_swiglu(x, ids, wg, wu, wd), policy=policy)
+
+    def loss(*args):
+        return jnp.sum(layer(*args).astype(jnp.float32) ** 2)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(
+        *shapes, jax.ShapeDtypeStruct((n, k), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    names = re.findall(r'name = "(grouped_matmul\w*)"', text)
+    return {name: names.count(name) for name in set(names)}
+
+
+def test_dots_saveable_keeps_kernel_outputs_instead_of_rerunning_them():
+    """The model's dots_saveable policy saves the named kernel outputs: 3 forward + 3 input-gradient
+    launches and 3 weight-gradient ones. JAX's own dots_saveable reruns the gate and up kernels."""
+    from mixtral_jax.models.transformer import REMAT_POLICIES
+
+    assert _kernel_calls(REMAT_POLICIES["dots_saveable"]) == {"grouped_matmul": 6, "grouped_matmul_weight_grad": 3}
+    assert _kernel_calls(jax.checkpoint_policies.dots_saveable)["grouped_matmul"] == 8

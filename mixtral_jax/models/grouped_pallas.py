@@ -21,9 +21,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+SAVE_NAME = "grouped_matmul"  # checkpoint_name of the kernel outputs (see models/transformer.py)
 TILES = (256, 128, 64, 32, 16)  # Triton wants power-of-two tiles of at least 16 for its dot
 
 
@@ -157,5 +159,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, layout: BlockLayout, config: Kern
                    interpret: bool = False) -> jax.Array:
     """Differentiable: the input gradient is a grouped matmul with w transposed, the weight
     gradient the per-expert `_tgmm`. w is cast to x's dtype (the compute dtype)."""
-    return _grouped_matmul(x, w.astype(x.dtype), (layout.block_expert, layout.block_bounds), layout.bm, config,
-                           interpret)
+    out = _grouped_matmul(x, w.astype(x.dtype), (layout.block_expert, layout.block_bounds), layout.bm, config,
+                          interpret)
+    # Named so the dots_saveable remat policy keeps it, as it keeps a dense matmul's output: a
+    # custom call is not a dot, and the kernel would otherwise run again in the backward pass.
+    return checkpoint_name(out, SAVE_NAME)

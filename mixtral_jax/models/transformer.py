@@ -11,6 +11,7 @@ from flax import nnx
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.models.attention import Attention, KVCache, head_dim_of
+from mixtral_jax.models.grouped_pallas import SAVE_NAME as GROUPED_MATMUL
 from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
 from mixtral_jax.models.moe import MoEBlock
 from mixtral_jax.parallel.rules import constrain
@@ -23,7 +24,9 @@ _LAYER_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+    # keep matmul outputs, the GPU grouped-matmul kernels' included (custom calls are not dots)
+    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(GROUPED_MATMUL)),
 }
 
 
