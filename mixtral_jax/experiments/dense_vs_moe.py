@@ -125,7 +125,6 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full_scal
     plots = _plots(runs, out)
     base = runs["dense"][0]
     spread = {m: report.mean_spread([r.summary["eval_loss"] for r in runs[m]]) for m in MODELS}
-    final = {m: spread[m][0] for m in MODELS}
     tokens = base.summary["tokens"]
     sections = [
         f"# dense_vs_moe{' (smoke)' if smoke else ''}",
