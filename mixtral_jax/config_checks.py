@@ -20,9 +20,9 @@ _INT_LIMITS = {"run.seed": 2**32 - 1, "data.tokenizer.train_bytes": 2**53}
 # Single-field ranges: every float is also required to be finite (NaN fails no `>` test by
 # itself when the check is written as `not x < 0`, and inf passes `> 0`).
 _POSITIVE = (
-    "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.hidden_dim",
-    "model.max_seq_len", "model.norm_eps", "model.rope_theta", "model.moe.capacity_factor", "data.seq_len",
-    "data.batch_size", "data.tokenizer.train_bytes", "optim.lr", "optim.eps", "train.steps", "train.eval_every",
+    "model.vocab_size", "model.dim", "model.n_layers", "model.scan_unroll", "model.n_heads", "model.n_kv_heads",
+    "model.hidden_dim", "model.max_seq_len", "model.norm_eps", "model.rope_theta", "model.moe.capacity_factor",
+    "data.seq_len", "data.batch_size", "data.tokenizer.train_bytes", "optim.lr", "optim.eps", "train.steps", "train.eval_every",
     "train.log_every", "train.checkpoint_every", "optim.grad_accum", "train.keep_checkpoints",
     "train.max_consecutive_nonfinite", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_expert", "mesh.dcn_tensor")
 _NON_NEGATIVE = (

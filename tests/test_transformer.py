@@ -78,18 +78,19 @@ def test_packed_documents_are_independent_and_causal():
     np.testing.assert_allclose(np.asarray(changed[:, :-1]), np.asarray(logits[:, :-1]), rtol=1e-5, atol=1e-6)
 
 
-def test_remat_does_not_change_loss_or_gradients():
+def test_remat_and_scan_unroll_do_not_change_loss_or_gradients():
     tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, 128)
     results = []
-    for remat in ("none", "full"):
-        graphdef, params, rest = nnx.split(make("tiny_moe", f"model.remat={remat}"), nnx.Param, ...)
+    for override in ("model.remat=none", "model.remat=full", "model.scan_unroll=3"):  # 3 of 4 layers: a remainder
+        graphdef, params, rest = nnx.split(make("tiny_moe", override), nnx.Param, ...)
 
         def loss(p):
             logits, aux = nnx.merge(graphdef, p, rest)(tokens)
             return jnp.mean(jax.nn.logsumexp(logits, -1)) + aux["aux_loss"]
 
         results.append(jax.jit(jax.value_and_grad(loss))(params))
-    (l0, g0), (l1, g1) = results
-    np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    (l0, g0), *others = results
+    for l1, g1 in others:
+        np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

@@ -100,6 +100,7 @@ class Transformer(nnx.Module):
         self.head_dim = head_dim_of(cfg)
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
+        self.scan_unroll = min(cfg.scan_unroll, cfg.n_layers)
         self.dtype = as_dtype(cfg.dtype)
         pdt = as_dtype(cfg.param_dtype)
 
@@ -151,7 +152,7 @@ class Transformer(nnx.Module):
             layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata=_LAYER_METADATA)
+                  transform_metadata=_LAYER_METADATA, unroll=self.scan_unroll)
         def run_layers(x: jax.Array, block: Block, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
             return layer(block, x, pos, seg, rng)
 
@@ -198,7 +199,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata=_LAYER_METADATA)
+                  transform_metadata=_LAYER_METADATA, unroll=self.scan_unroll)
         def run_layers(x: jax.Array, block: Block, pos: jax.Array, layer_cache: KVCache):
             return block.decode(x, pos, layer_cache)
 
