@@ -22,8 +22,8 @@ _INT_LIMITS = {"run.seed": 2**32 - 1, "data.tokenizer.train_bytes": 2**53}
 _POSITIVE = (
     "model.vocab_size", "model.dim", "model.n_layers", "model.scan_unroll", "model.n_heads", "model.n_kv_heads",
     "model.hidden_dim", "model.max_seq_len", "model.norm_eps", "model.rope_theta", "model.moe.capacity_factor",
-    "data.seq_len", "data.batch_size", "data.tokenizer.train_bytes", "optim.lr", "optim.eps", "train.steps", "train.eval_every",
-    "train.log_every", "train.checkpoint_every", "optim.grad_accum", "train.keep_checkpoints",
+    "data.seq_len", "data.batch_size", "data.tokenizer.train_bytes", "optim.lr", "optim.eps", "train.steps",
+    "train.eval_every", "train.log_every", "train.checkpoint_every", "optim.grad_accum", "train.keep_checkpoints",
     "train.max_consecutive_nonfinite", "mesh.dcn_data", "mesh.dcn_fsdp", "mesh.dcn_expert", "mesh.dcn_tensor")
 _NON_NEGATIVE = (
     "run.seed", "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.z_loss_coef",

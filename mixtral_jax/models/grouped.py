@@ -79,7 +79,7 @@ def _forward(xp, block_expert, n_used, w_gate, w_up, w_down, keep_activations: b
         return out, gates, ups
 
     act_shape = (num_blocks, b, hidden) if keep_activations else (0,)
-    # zeros_like (not zeros) so the carry varies over the same manual axes as xp under shard_map
+    # carries typed like xp (zeros_like keeps its dtype)
     init = (jnp.zeros_like(xp), jnp.zeros_like(xp, shape=act_shape), jnp.zeros_like(xp, shape=act_shape))
     # Dynamic trip count: blocks past n_used are padding and stay zero.
     return jax.lax.fori_loop(0, n_used, body, init)
@@ -122,7 +122,8 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def _block_layout(group_sizes: jax.Array, rows: int, b: int):
-    """Padded row of each sorted row, expert of each block, used blocks, and the static block count.
+    """Padded row of each sorted row, expert of each block, each expert's end block (cumulative;
+    the last is the used-block count), and the static block count.
 
     Static bound: each group wastes less than one block, so at most (M + E (b - 1)) / b blocks.
     """
@@ -136,7 +137,7 @@ def _block_layout(group_sizes: jax.Array, rows: int, b: int):
     dest = jnp.arange(rows) + offset[row_group]
     block_expert = jnp.minimum(jnp.searchsorted(block_ends, jnp.arange(num_blocks), side="right"),
                                num_experts - 1).astype(jnp.int32)
-    return dest, block_expert, block_ends[-1], num_blocks
+    return dest, block_expert, block_ends, num_blocks
 
 
 def _sorted_layout(expert_ids: jax.Array, num_experts: int):
@@ -167,14 +168,16 @@ def ragged_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
 
 def _padded_rows(expert_ids: jax.Array, num_experts: int, b: int):
     """The sorted rows with each expert's padded to whole blocks of b: (slot_of_row, row_of_slot,
-    block_expert, used blocks, block count, blocks per expert)."""
+    block_expert, used blocks, block count, block bounds [E + 1]: expert e owns blocks
+    bounds[e] .. bounds[e + 1] - 1)."""
     n, k = expert_ids.shape
     order, group_sizes = _sorted_layout(expert_ids, num_experts)
-    dest, block_expert, n_used, num_blocks = _block_layout(group_sizes, n * k, b)
+    dest, block_expert, block_ends, num_blocks = _block_layout(group_sizes, n * k, b)
     row_of_slot = jnp.zeros_like(order).at[order].set(dest.astype(jnp.int32), unique_indices=True)
     # padding rows name slot n*k (out of range): they gather zeros and are never gathered back
     slot_of_row = jnp.full((num_blocks * b,), n * k, jnp.int32).at[dest].set(order, unique_indices=True)
-    return slot_of_row, row_of_slot, block_expert, n_used, num_blocks, (group_sizes + b - 1) // b
+    bounds = jnp.concatenate([jnp.zeros(1, block_ends.dtype), block_ends]).astype(jnp.int32)
+    return slot_of_row, row_of_slot, block_expert, block_ends[-1], num_blocks, bounds
 
 
 def blocked_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -197,11 +200,10 @@ def pallas_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
     """slot_swiglu in the same padded-block layout, each matmul one Pallas grouped-matmul kernel
     (`grouped_pallas`, GPU; `interpret` runs it on a CPU)."""
     k = expert_ids.shape[1]
-    slot_of_row, row_of_slot, block_expert, n_used, num_blocks, blocks = _padded_rows(
+    slot_of_row, row_of_slot, block_expert, n_used, num_blocks, bounds = _padded_rows(
         expert_ids, w_gate.shape[0], block)
     used = jnp.arange(num_blocks) < n_used
-    layout = BlockLayout(jnp.where(used, block_expert, -1).astype(jnp.int32),
-                         jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(blocks).astype(jnp.int32)]), block)
+    layout = BlockLayout(jnp.where(used, block_expert, -1).astype(jnp.int32), bounds, block)
 
     def compute(xp):
         gate = grouped_matmul(xp, w_gate, layout, config, interpret)
