@@ -14,7 +14,16 @@ from mixtral_jax.models.dispatch import (
     dropless,
     expert_choice_dispatch,
 )
-from mixtral_jax.models.grouped import blocked_slot_swiglu, ragged_slot_swiglu
+from mixtral_jax.models.grouped import (
+    BATCHED_ROW_COST,
+    block_size,
+    blocked_slot_swiglu,
+    cpu_capacity,
+    cpu_slot_swiglu,
+    fitted_slot_swiglu,
+    prefers_fitted,
+    ragged_slot_swiglu,
+)
 from mixtral_jax.models.routing import expert_choice, topk_softmax
 
 
@@ -106,6 +115,58 @@ def test_blocked_slot_swiglu_equals_ragged_dot(case, block):
     e = int(ids[5, 1])
     want = np_swiglu(np.asarray(x[5], np.float64), w_gate[e], w_up[e], w_down[e])
     np.testing.assert_allclose(np.asarray(out[5, 1]), want, rtol=1e-4, atol=1e-5)
+
+
+def grads_against_ragged(impl, ids, x, experts, seed=8):
+    """Outputs and gradients (x, weights) of impl and of ragged_dot under one random cotangent."""
+    cot = jnp.asarray(np.random.default_rng(seed).normal(size=(*ids.shape, x.shape[1])), jnp.float32)
+
+    def value_and_grads(f):
+        loss = lambda x, experts: jnp.sum(f(x, ids, *experts) * cot)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, experts)
+
+    for g, w in zip(jax.tree.leaves(value_and_grads(impl)), jax.tree.leaves(value_and_grads(ragged_slot_swiglu))):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case,cap,block", [
+    ("random", 3, 4),  # most experts over capacity: batched part full, several overflow blocks
+    ("random", 40, 4),  # nothing overflows: the block loop runs no block
+    ("empty", 5, 8),  # an expert without tokens: an empty batched row and no block
+    ("all", 6, 4),  # one expert takes every token: its overflow spans several blocks
+])
+def test_fitted_slot_swiglu_equals_ragged_dot(case, cap, block):
+    """Batched first-C slots plus the block loop for the rest: every slot exactly once."""
+    x, logits, experts = make_inputs(11, 30, 8, 12, 4, case)
+    ids = jnp.asarray(np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :2])
+    grads_against_ragged(lambda *a: fitted_slot_swiglu(*a, capacity=cap, block=block), ids, x, experts)
+    out = np.asarray(jax.jit(lambda x: fitted_slot_swiglu(x, ids, *experts, capacity=cap, block=block))(x))
+    w_gate, w_up, w_down = as_np(experts)
+    for n, j in [(0, 0), (17, 1), (29, 1)]:  # early slots land in the batch, late ones may overflow
+        e = int(ids[n, j])
+        want = np_swiglu(np.asarray(x[n], np.float64), w_gate[e], w_up[e], w_down[e])
+        np.testing.assert_allclose(out[n, j], want, rtol=1e-4, atol=1e-5)
+
+
+def test_prefers_fitted_by_hand_counted_rows():
+    # 4 experts of 5 rows, capacity 8, blocks of 4: fitted 0.96 * 32 rows, blocked 4 * 8 = 32 rows
+    assert bool(prefers_fitted(jnp.array([5, 5, 5, 5]), 8, 4)) == (BATCHED_ROW_COST * 32 < 32)
+    # one expert with 14 of 20 rows: fitted 0.96 * 32 + 8 overflow rows; blocked 16 + 3 * 4 = 28
+    assert not bool(prefers_fitted(jnp.array([14, 2, 2, 2]), 8, 4))
+
+
+@pytest.mark.parametrize("n,skewed", [(64, False), (512, True)])
+def test_cpu_slot_swiglu_either_layout_equals_ragged_dot(n, skewed):
+    """The on-device choice: 32 slots per expert (under one 128-row block each) take the fitted
+    layout; two experts taking every token (512 rows each, 1024 rows in blocks against 4 x 288
+    batched rows plus 2 x 256 overflow rows) the block layout. Both equal ragged_dot."""
+    x, _, experts = make_inputs(12, n, 8, 12, 4)
+    tokens = np.arange(n)
+    ids = np.stack([np.full(n, 3), np.full(n, 2)] if skewed else [tokens % 4, (tokens + 1) % 4], 1)
+    ids = jnp.asarray(ids, jnp.int32)
+    sizes = jnp.bincount(ids.reshape(-1), length=4)
+    assert bool(prefers_fitted(sizes, cpu_capacity(2 * n, 4, n), block_size(2 * n, 4))) == (not skewed)
+    grads_against_ragged(cpu_slot_swiglu, ids, x, experts)
 
 
 def test_capacity_size_formula():

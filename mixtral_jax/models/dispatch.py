@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import MoEConfig
+from mixtral_jax.models import grouped
 from mixtral_jax.models.grouped import combine_slots, slot_swiglu, take_rows
 from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice
 from mixtral_jax.parallel.expert_parallel import dispatch_mesh, expert_parallel_swiglu
@@ -42,9 +43,7 @@ _ZERO = 0.0  # dropped_fraction of the dispatchers that never drop
 
 def batched_swiglu(xs: jax.Array, experts: Experts) -> jax.Array:
     """xs [E, C, D] -> [E, C, D]: expert e applied to its C rows (one batched matmul per weight)."""
-    gate = jnp.einsum("ecd,edh->ech", xs, experts.w_gate)
-    up = jnp.einsum("ecd,edh->ech", xs, experts.w_up)
-    return jnp.einsum("ech,ehd->ecd", jax.nn.silu(gate) * up, experts.w_down)
+    return grouped.batched_swiglu(xs, *experts)
 
 
 def dense(x: jax.Array, routing: Routing, experts: Experts) -> tuple[jax.Array, jax.Array]:
