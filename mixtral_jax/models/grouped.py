@@ -249,6 +249,9 @@ def fitted_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
 # A row of the batched part costs about 0.96x a row of the block loop (CPU, dim 512, hidden 1536:
 # 2304 batched rows 1.285x a dense layer of the routed FLOPs, 2048 rows in whole blocks 1.19x).
 BATCHED_ROW_COST = 0.96
+# The fitted candidate is considered only when, at balance, it computes under this share of the
+# block layout's expected rows (rows + half a block per expert).
+FITTED_MARGIN = 0.9
 
 
 def prefers_fitted(group_sizes: jax.Array, capacity: int, block: int) -> jax.Array:
@@ -264,10 +267,16 @@ def cpu_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up
     """slot_swiglu on CPU: `fitted_slot_swiglu` or `blocked_slot_swiglu`, whichever computes fewer
     (cost-weighted) rows for this batch's expert loads, chosen on the device (lax.cond). Near
     balance the fitted layout wastes half as many rows; with experts far over the mean its
-    overflow blocks cost more than the block layout's padding."""
+    overflow blocks cost more than the block layout's padding. Where the fitted layout cannot
+    win clearly even at balance (FITTED_MARGIN), the block layout is used without a choice."""
     n, k = expert_ids.shape
     num_experts = w_gate.shape[0]
     c, b = cpu_capacity(n * k, num_experts, n), block_size(n * k, num_experts)
+    if BATCHED_ROW_COST * num_experts * c > FITTED_MARGIN * (n * k + num_experts * b / 2):
+        # Even at balance the fitted layout would not save enough to pay for the conditional
+        # (autodiff keeps both branches' residuals: at 16k tokens 1.34x vs 1.15x): large loads
+        # per expert, where half a block of padding is a small share.
+        return blocked_slot_swiglu(x, expert_ids, w_gate, w_up, w_down, block=b)
     sizes = jnp.bincount(expert_ids.reshape(-1), length=num_experts)
     return jax.lax.cond(prefers_fitted(sizes, c, b),
                         lambda *a: fitted_slot_swiglu(*a, capacity=c, block=b),
