@@ -303,12 +303,14 @@ def pallas_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
 
 
 def slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                w_down: jax.Array) -> jax.Array:
+                w_down: jax.Array, padded_buffer: bool = False) -> jax.Array:
     """[N, k, D]: every (token, slot) through its expert, with the backend's grouped matmul
-    (decided at trace time)."""
+    (decided at trace time). padded_buffer: x is a worst-case-sized buffer whose unused rows
+    carry the id num_experts (the expert-parallel receive buffer); on CPU the block layout then,
+    since the fitted layout's capacity would be sized from the buffer, not the routed rows."""
     backend = jax.default_backend()
     if backend == "cpu":
-        impl = cpu_slot_swiglu
+        impl = blocked_slot_swiglu if padded_buffer else cpu_slot_swiglu
     elif backend == "gpu" and grouped_pallas.supported(x.shape[1], w_gate.shape[-1], x.dtype):
         impl = pallas_slot_swiglu
     else:

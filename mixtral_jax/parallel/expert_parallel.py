@@ -103,7 +103,7 @@ def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_p
         # layer's gradients, so the stacked gradients leave split over fsdp
         w_gate, w_up = (jax.lax.all_gather(w, FSDP_AXIS, axis=1, tiled=True) for w in (w_gate, w_up))
         w_down = jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True)
-    out = slot_swiglu(recv, recv_ids[:, None], w_gate, w_up, w_down)[:, 0]
+    out = slot_swiglu(recv, recv_ids[:, None], w_gate, w_up, w_down, padded_buffer=True)[:, 0]
     if split_hidden:  # each tensor shard computed a slice of the hidden units: sum the partials
         out = jax.lax.psum(out, TENSOR_AXIS)
     back = exchange(out)
