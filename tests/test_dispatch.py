@@ -22,6 +22,7 @@ from mixtral_jax.models.grouped import (
     cpu_slot_swiglu,
     fitted_slot_swiglu,
     prefers_fitted,
+    _units,
     ragged_slot_swiglu,
 )
 from mixtral_jax.models.routing import expert_choice, topk_softmax
@@ -146,6 +147,17 @@ def test_fitted_slot_swiglu_equals_ragged_dot(case, cap, block):
         e = int(ids[n, j])
         want = np_swiglu(np.asarray(x[n], np.float64), w_gate[e], w_up[e], w_down[e])
         np.testing.assert_allclose(out[n, j], want, rtol=1e-4, atol=1e-5)
+
+
+def test_block_loop_units_cover_each_experts_half_blocks_by_hand():
+    # half-blocks owned: expert 0 -> 0..4, expert 1 none, expert 2 -> 5..7, expert 3 -> 8; h = 2 rows
+    units = _units(jnp.array([0, 5, 5, 8, 9]), 2, 6)
+    n_pairs, n_tails = int(units.n_pairs), int(units.n_tails)
+    assert (n_pairs, n_tails) == (3, 3)
+    pairs = list(zip(np.asarray(units.pair_row)[:n_pairs], np.asarray(units.pair_expert)[:n_pairs]))
+    assert pairs == [(0, 0), (4, 0), (10, 2)]  # half-blocks (0, 1), (2, 3), (5, 6)
+    tails = sorted(zip(np.asarray(units.tail_row)[:n_tails], np.asarray(units.tail_expert)[:n_tails]))
+    assert tails == [(8, 0), (14, 2), (16, 3)]  # half-blocks 4, 7, 8
 
 
 def test_prefers_fitted_by_hand_counted_rows():

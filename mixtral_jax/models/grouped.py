@@ -7,7 +7,7 @@ It sorts the N * k slots by expert once, lays the rows out for the backend's gro
 gathers x into that layout and gathers the results back per slot. (A custom backward making
 both moves gathers instead of scatter-adds was tried: no measurable change on CPU.)
 Three grouped matmuls, chosen by backend and dtype in `slot_swiglu`:
-- `pallas_slot_swiglu` (GPU, 16-bit compute): the padded-block layout below, each matmul one
+- `pallas_slot_swiglu` (GPU, 16-bit compute): rows padded per expert to whole blocks, each matmul one
   Pallas (Triton) kernel that reads its block's expert from a table (`grouped_pallas`). XLA's GPU
   `ragged_dot` expands into one dense matmul per expert (measured 7.7x a dense layer of equal
   FLOPs on an H100, jax 0.11.2, with or without its experimental cuDNN ragged-dot flag).
@@ -18,10 +18,10 @@ Three grouped matmuls, chosen by backend and dtype in `slot_swiglu`:
   - `fitted_slot_swiglu`: each expert's first C = 1.125 x mean-load slots in one batched
     [E, C, D] SwiGLU (12.5% waste at balance), the slots past C in the block loop below
     (measured 1.26x a dense layer of the routed FLOPs at balance, 1024 tokens, dim 512).
-  - `blocked_slot_swiglu`: each expert's rows padded to whole blocks of b rows, and a loop over
-    the used blocks runs one [b, D] x [D, H] SwiGLU with that block's expert weights (about half
-    a block of padding per expert: 25% at 256 rows per expert; 1.55-1.69x at balance, 1.47x
-    with a few experts at 2x the mean, where the fitted layout's overflow costs more: 1.70x).
+  - `blocked_slot_swiglu`: each expert's rows padded to whole half-blocks of b/2 rows, and
+    loops over runs of b rows (and one b/2-row tail per expert) each run one SwiGLU with its
+    expert's weights (`Units`; 1.41x at balance, 1.38x with loads of 0.3-1.7x the mean, 1.48x
+    with a few experts at 2x the mean, where the fitted layout's overflow costs more: 1.57-1.70x).
   The block loop's backward is hand-written (custom_vjp) so weight gradients accumulate in
   place per expert: autodiff of a scan adds a full zero-padded [E, D, H] cotangent every block
   (measured about 1.5x vs 1.1x a dense layer). On the GPU this loop is launch-bound (7-10x).
@@ -33,8 +33,9 @@ Three grouped matmuls, chosen by backend and dtype in `slot_swiglu`:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,57 +82,95 @@ def _silu_parts(gate: jax.Array) -> tuple[jax.Array, jax.Array]:
     return gate * sig, sig * (1 + gate * (1 - sig))
 
 
-def _forward(xp, block_expert, n_used, w_gate, w_up, w_down, keep_activations: bool):
-    num_blocks, b, _ = xp.shape
+class Units(NamedTuple):
+    """The block loop's work list over rows padded per expert to whole half-blocks of h rows:
+    runs of 2h rows (two half-blocks of one expert) and at most one h-row tail per expert.
+    Padding to half-blocks halves the padding of whole blocks, and only the tail runs the slower
+    half-height matmuls (one layer at 1024 tokens: 1.41x vs 1.57x a dense layer at balanced
+    loads, 1.30x vs 1.49x with loads of 0.3-1.7x the mean)."""
+    pair_row: jax.Array  # [P] first row of each 2h-row run (P: a static bound)
+    pair_expert: jax.Array  # [P]
+    n_pairs: jax.Array  # runs in use
+    tail_row: jax.Array  # [E] first row of each tail, experts with a tail first
+    tail_expert: jax.Array  # [E]
+    n_tails: jax.Array
+
+
+def _units(bounds: jax.Array, half: int, max_pairs: int) -> Units:
+    """bounds [E + 1]: expert e owns half-blocks bounds[e] .. bounds[e + 1] - 1."""
+    num_experts = bounds.shape[0] - 1
+    owned = bounds[1:] - bounds[:-1]
+    pairs, tails = owned // 2, owned % 2
+    pair_ends = jnp.cumsum(pairs)
+    run = jnp.arange(max_pairs)
+    pair_expert = jnp.minimum(jnp.searchsorted(pair_ends, run, side="right"), num_experts - 1).astype(jnp.int32)
+    pair_block = bounds[:-1][pair_expert] + 2 * (run - (pair_ends - pairs)[pair_expert])
+    tail_expert = jnp.argsort(-tails, stable=True).astype(jnp.int32)
+    tail_block = (bounds[:-1] + 2 * pairs)[tail_expert]
+    return Units((pair_block * half).astype(jnp.int32), pair_expert, pair_ends[-1],
+                 (tail_block * half).astype(jnp.int32), tail_expert, jnp.sum(tails))
+
+
+def _runs(units: Units, half: int):
+    """(first rows, experts, count, rows per run) of the two loops."""
+    return ((units.pair_row, units.pair_expert, units.n_pairs, 2 * half),
+            (units.tail_row, units.tail_expert, units.n_tails, half))
+
+
+def _forward(xf, units, half, w_gate, w_up, w_down, keep_activations: bool):
     hidden = w_gate.shape[-1]
+    act_shape = (xf.shape[0], hidden) if keep_activations else (0,)
+    # carries typed like xf (zeros_like keeps its dtype); rows no run covers stay zero
+    carry = (jnp.zeros_like(xf), jnp.zeros_like(xf, shape=act_shape), jnp.zeros_like(xf, shape=act_shape))
+    for first_row, expert, count, rows in _runs(units, half):
+        def body(i, carry, first_row=first_row, expert=expert, rows=rows):
+            out, gates, ups = carry
+            e, r = expert[i], first_row[i]
+            xb = jax.lax.dynamic_slice_in_dim(xf, r, rows)
+            gate, up = xb @ w_gate[e], xb @ w_up[e]
+            out = jax.lax.dynamic_update_slice_in_dim(out, _silu_parts(gate)[0] * up @ w_down[e], r, 0)
+            if keep_activations:  # residuals for the backward pass, [rows, H] each
+                gates = jax.lax.dynamic_update_slice_in_dim(gates, gate, r, 0)
+                ups = jax.lax.dynamic_update_slice_in_dim(ups, up, r, 0)
+            return out, gates, ups
 
-    def body(i, carry):
-        out, gates, ups = carry
-        e, xb = block_expert[i], xp[i]
-        gate, up = xb @ w_gate[e], xb @ w_up[e]
-        out = out.at[i].set(_silu_parts(gate)[0] * up @ w_down[e])
-        if keep_activations:  # residuals for the backward pass, [num_blocks, b, H] each
-            gates, ups = gates.at[i].set(gate), ups.at[i].set(up)
-        return out, gates, ups
-
-    act_shape = (num_blocks, b, hidden) if keep_activations else (0,)
-    # carries typed like xp (zeros_like keeps its dtype)
-    init = (jnp.zeros_like(xp), jnp.zeros_like(xp, shape=act_shape), jnp.zeros_like(xp, shape=act_shape))
-    # Dynamic trip count: blocks past n_used are padding and stay zero.
-    return jax.lax.fori_loop(0, n_used, body, init)
-
-
-@jax.custom_vjp
-def _blocked(xp, block_expert, n_used, w_gate, w_up, w_down):
-    return _forward(xp, block_expert, n_used, w_gate, w_up, w_down, keep_activations=False)[0]
+        carry = jax.lax.fori_loop(0, count, body, carry)  # dynamic trip count: runs in use only
+    return carry
 
 
-def _blocked_fwd(xp, block_expert, n_used, w_gate, w_up, w_down):
-    out, gates, ups = _forward(xp, block_expert, n_used, w_gate, w_up, w_down, keep_activations=True)
-    return out, (xp, block_expert, n_used, w_gate, w_up, w_down, gates, ups)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blocked(xf, units, w_gate, w_up, w_down, half):
+    return _forward(xf, units, half, w_gate, w_up, w_down, keep_activations=False)[0]
 
 
-def _blocked_bwd(res, d_out):
-    xp, block_expert, n_used, w_gate, w_up, w_down, gates, ups = res
+def _blocked_fwd(xf, units, w_gate, w_up, w_down, half):
+    out, gates, ups = _forward(xf, units, half, w_gate, w_up, w_down, keep_activations=True)
+    return out, (xf, units, w_gate, w_up, w_down, gates, ups)
+
+
+def _blocked_bwd(half, res, d_out):
+    xf, units, w_gate, w_up, w_down, gates, ups = res
     f32 = jnp.float32
-
-    def body(i, carry):
-        dx, dwg, dwu, dwd = carry
-        e, xb, gate, up, do = block_expert[i], xp[i], gates[i], ups[i], d_out[i]
-        silu, dsilu = _silu_parts(gate)
-        dh = do @ w_down[e].T
-        dgate, dup = dh * up * dsilu, dh * silu
-        # Weight gradients accumulate in float32, in place in the loop carry.
-        dwd = dwd.at[e].add(jnp.dot((silu * up).T, do, preferred_element_type=f32))
-        dwg = dwg.at[e].add(jnp.dot(xb.T, dgate, preferred_element_type=f32))
-        dwu = dwu.at[e].add(jnp.dot(xb.T, dup, preferred_element_type=f32))
-        dx = dx.at[i].set(dgate @ w_gate[e].T + dup @ w_up[e].T)
-        return dx, dwg, dwu, dwd
-
     zeros32 = lambda w: jnp.zeros_like(w, dtype=f32)
-    init = (jnp.zeros_like(xp), zeros32(w_gate), zeros32(w_up), zeros32(w_down))
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, n_used, body, init)
-    return dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
+    carry = (jnp.zeros_like(xf), zeros32(w_gate), zeros32(w_up), zeros32(w_down))
+    for first_row, expert, count, rows in _runs(units, half):
+        def body(i, carry, first_row=first_row, expert=expert, rows=rows):
+            dx, dwg, dwu, dwd = carry
+            e, r = expert[i], first_row[i]
+            xb, gate, up, do = (jax.lax.dynamic_slice_in_dim(a, r, rows) for a in (xf, gates, ups, d_out))
+            silu, dsilu = _silu_parts(gate)
+            dh = do @ w_down[e].T
+            dgate, dup = dh * up * dsilu, dh * silu
+            # Weight gradients accumulate in float32, in place in the loop carry.
+            dwd = dwd.at[e].add(jnp.dot((silu * up).T, do, preferred_element_type=f32))
+            dwg = dwg.at[e].add(jnp.dot(xb.T, dgate, preferred_element_type=f32))
+            dwu = dwu.at[e].add(jnp.dot(xb.T, dup, preferred_element_type=f32))
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dgate @ w_gate[e].T + dup @ w_up[e].T, r, 0)
+            return dx, dwg, dwu, dwd
+
+        carry = jax.lax.fori_loop(0, count, body, carry)
+    dx, dwg, dwu, dwd = carry
+    return dx, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
@@ -201,16 +240,16 @@ def _padded_rows(expert_ids: jax.Array, num_experts: int, b: int):
 
 def blocked_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                         w_down: jax.Array, block: int | None = None) -> jax.Array:
-    """slot_swiglu with each expert's rows padded to whole blocks and the block loop (CPU)."""
-    d, k = x.shape[1], expert_ids.shape[1]
+    """slot_swiglu with each expert's rows padded to whole half-blocks and the block loop (CPU):
+    runs of `block` rows and one half-block tail per expert (`Units`)."""
+    k = expert_ids.shape[1]
     b = block or block_size(expert_ids.size, w_gate.shape[0])
-    slot_of_row, row_of_slot, block_expert, n_used, num_blocks, _ = _padded_rows(expert_ids, w_gate.shape[0], b)
-
-    def compute(xp):
-        out = _blocked(xp.reshape(num_blocks, b, d), block_expert, n_used, w_gate, w_up, w_down)
-        return out.reshape(num_blocks * b, d)
-
-    return _move(x, slot_of_row, row_of_slot, k, compute)
+    if b % 2:
+        raise ValueError(f"block must be even (runs of two half-blocks), got {b}")
+    half = b // 2
+    slot_of_row, row_of_slot, _, _, num_halves, bounds = _padded_rows(expert_ids, w_gate.shape[0], half)
+    units = _units(bounds, half, num_halves // 2 + 1)
+    return _move(x, slot_of_row, row_of_slot, k, lambda xf: _blocked(xf, units, w_gate, w_up, w_down, half))
 
 
 CPU_CAPACITY_FACTOR = 1.125  # batched rows per expert over the mean; the rest go to the block loop
@@ -246,17 +285,20 @@ def fitted_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
     return batched + blocked_slot_swiglu(x, overflow, w_gate, w_up, w_down, block)
 
 
-# A row of the batched part costs about 0.96x a row of the block loop (CPU, dim 512, hidden 1536:
+# A row of the batched part costs about 0.96x a row of whole blocks (CPU, dim 512, hidden 1536:
 # 2304 batched rows 1.285x a dense layer of the routed FLOPs, 2048 rows in whole blocks 1.19x).
 BATCHED_ROW_COST = 0.96
-# The fitted candidate is considered only when, at balance, it computes under this share of the
-# block layout's expected rows (rows + half a block per expert).
+# The fitted candidate is considered only when, at balance, it computes under this share of
+# the rows plus half a b-row block per expert. Calibrated on one layer: at 1k tokens (fitted
+# 1.26x, block layout 1.41x) it is; at 16k tokens (1.34x with the choice vs 1.15x) it is not.
 FITTED_MARGIN = 0.9
 
 
 def prefers_fitted(group_sizes: jax.Array, capacity: int, block: int) -> jax.Array:
     """Whether the fitted layout (E x capacity batched rows, the overflow in whole blocks) costs
-    less than every expert's rows in whole blocks, in block-loop row units."""
+    less than every expert's rows in whole blocks. The block layout pads to half-blocks, but
+    its tails run slower per row; whole blocks matched the measured winner at balance and under
+    both skews in the module docstring."""
     whole_blocks = lambda rows: jnp.sum((rows + block - 1) // block) * block
     fitted = BATCHED_ROW_COST * group_sizes.shape[0] * capacity + whole_blocks(jnp.maximum(group_sizes - capacity, 0))
     return fitted < whole_blocks(group_sizes)
