@@ -265,8 +265,8 @@ def fitted_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
                        w_down: jax.Array, capacity: int | None = None, block: int | None = None) -> jax.Array:
     """slot_swiglu on CPU: each expert's first C slots (token order) in one batched [E, C, D]
     SwiGLU, the slots past C (an expert over capacity: none, at balanced loads) in the block loop.
-    Nothing is dropped; the batched part wastes the unfilled places (12.5% at balance), the
-    padded blocks alone waste about half a block per expert (25% at 256 rows per expert)."""
+    Nothing is dropped; the batched part wastes the unfilled places (12.5% at balance); the
+    block layout alone pads every expert to whole half-blocks (`blocked_slot_swiglu`)."""
     n, k = expert_ids.shape
     num_experts, d = w_gate.shape[0], x.shape[1]
     c = capacity or cpu_capacity(n * k, num_experts, n)
@@ -281,7 +281,7 @@ def fitted_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
         jnp.arange(n * k, dtype=jnp.int32), mode="drop")
     batched = _move(x, slot_of_place, place, k, lambda xs: batched_swiglu(
         xs.reshape(num_experts, c, d), w_gate, w_up, w_down).reshape(num_experts * c, d))
-    overflow = jnp.where(fits, num_experts, expert_ids.reshape(-1)).reshape(n, k)
+    overflow = jnp.where(fits, num_experts, flat).reshape(n, k)
     return batched + blocked_slot_swiglu(x, overflow, w_gate, w_up, w_down, block)
 
 
