@@ -150,14 +150,14 @@ def test_fitted_slot_swiglu_equals_ragged_dot(case, cap, block):
 
 
 def test_block_loop_units_cover_each_experts_half_blocks_by_hand():
-    # half-blocks owned: expert 0 -> 0..4, expert 1 none, expert 2 -> 5..7, expert 3 -> 8; h = 2 rows
-    units = _units(jnp.array([0, 5, 5, 8, 9]), 2, 6)
-    n_pairs, n_tails = int(units.n_pairs), int(units.n_tails)
-    assert (n_pairs, n_tails) == (3, 3)
-    pairs = list(zip(np.asarray(units.pair_row)[:n_pairs], np.asarray(units.pair_expert)[:n_pairs]))
-    assert pairs == [(0, 0), (4, 0), (10, 2)]  # half-blocks (0, 1), (2, 3), (5, 6)
-    tails = sorted(zip(np.asarray(units.tail_row)[:n_tails], np.asarray(units.tail_expert)[:n_tails]))
-    assert tails == [(8, 0), (14, 2), (16, 3)]  # half-blocks 4, 7, 8
+    # half-blocks owned: expert 0 -> 0..4 (5 = 101b), expert 1 none, expert 2 -> 5..7 (3 = 011b),
+    # expert 3 -> 8 (1); h = 2 rows. One run of 2^j half-blocks per set bit j, smaller runs first.
+    units = _units(jnp.array([0, 5, 5, 8, 9]), 2, 3)
+    runs = {j: sorted(zip(np.asarray(units.row[j])[:int(units.count[j])].tolist(),
+                          np.asarray(units.expert[j])[:int(units.count[j])].tolist())) for j in range(3)}
+    assert runs[0] == [(0, 0), (10, 2), (16, 3)]  # half-blocks 0, 5, 8
+    assert runs[1] == [(12, 2)]  # half-blocks 6..7
+    assert runs[2] == [(2, 0)]  # half-blocks 1..4
 
 
 def test_prefers_fitted_by_hand_counted_rows():
