@@ -14,17 +14,19 @@ from mixtral_jax.models.dispatch import (
     dropless,
     expert_choice_dispatch,
 )
-from mixtral_jax.models.grouped import (
+from mixtral_jax.models.grouped import ragged_slot_swiglu
+from mixtral_jax.models.grouped_cpu import (
     BATCHED_ROW_COST,
     block_size,
     blocked_slot_swiglu,
     cpu_capacity,
     cpu_slot_swiglu,
-    fitted_slot_swiglu,
+    laid_out_slot_swiglu,
+    overflow_fits,
     prefers_fitted,
     _units,
-    ragged_slot_swiglu,
 )
+from mixtral_jax.models.rows import padded_block_count
 from mixtral_jax.models.routing import expert_choice, topk_softmax
 
 
@@ -131,22 +133,37 @@ def grads_against_ragged(impl, ids, x, experts, seed=8):
 
 
 @pytest.mark.parametrize("case,cap,block", [
-    ("random", 3, 4),  # most experts over capacity: batched part full, several overflow blocks
-    ("random", 40, 4),  # nothing overflows: the block loop runs no block
-    ("empty", 5, 8),  # an expert without tokens: an empty batched row and no block
-    ("all", 6, 4),  # one expert takes every token: its overflow spans several blocks
+    ("random", 3, 4),  # most experts over capacity: batched region full, several overflow runs
+    ("balanced", 16, 4),  # 15 slots per expert, nothing overflows: no run at all
+    ("empty", 5, 8),  # an expert without tokens: an empty batched row and no run
+    ("all", 6, 4),  # one expert takes every token: its overflow spans several runs
 ])
-def test_fitted_slot_swiglu_equals_ragged_dot(case, cap, block):
-    """Batched first-C slots plus the block loop for the rest: every slot exactly once."""
-    x, logits, experts = make_inputs(11, 30, 8, 12, 4, case)
-    ids = jnp.asarray(np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :2])
-    grads_against_ragged(lambda *a: fitted_slot_swiglu(*a, capacity=cap, block=block), ids, x, experts)
-    out = np.asarray(jax.jit(lambda x: fitted_slot_swiglu(x, ids, *experts, capacity=cap, block=block))(x))
+def test_fitted_layout_equals_ragged_dot(case, cap, block):
+    """Batched first-C slots plus runs for the rest, in the shared row buffer: every slot once."""
+    n, e = 30, 4
+    x, logits, experts = make_inputs(11, n, 8, 12, e, "random" if case == "balanced" else case)
+    if case == "balanced":
+        ids = jnp.asarray(np.stack([np.arange(n) % e, (np.arange(n) + 1) % e], 1), jnp.int32)
+    else:
+        ids = jnp.asarray(np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :2])
+    region = padded_block_count(2 * n, e, block // 2) * (block // 2) - e * cap
+    assert bool(overflow_fits(jnp.bincount(ids.reshape(-1), length=e), cap, block // 2, region))
+    fitted = lambda *a: laid_out_slot_swiglu(*a, fitted=jnp.array(True), capacity=cap, block=block)
+    grads_against_ragged(fitted, ids, x, experts)
+    out = np.asarray(jax.jit(lambda x: fitted(x, ids, *experts))(x))
     w_gate, w_up, w_down = as_np(experts)
-    for n, j in [(0, 0), (17, 1), (29, 1)]:  # early slots land in the batch, late ones may overflow
-        e = int(ids[n, j])
-        want = np_swiglu(np.asarray(x[n], np.float64), w_gate[e], w_up[e], w_down[e])
-        np.testing.assert_allclose(out[n, j], want, rtol=1e-4, atol=1e-5)
+    for t, j in [(0, 0), (17, 1), (29, 1)]:  # early slots land in the batch, late ones may overflow
+        ex = int(ids[t, j])
+        want = np_swiglu(np.asarray(x[t], np.float64), w_gate[ex], w_up[ex], w_down[ex])
+        np.testing.assert_allclose(out[t, j], want, rtol=1e-4, atol=1e-5)
+
+
+def test_overflow_fits_by_hand_counted_rows():
+    # capacity 8, half-blocks of 2: expert 0's 6 rows over capacity need 6 rows of the region
+    assert bool(overflow_fits(jnp.array([14, 2, 2, 2]), 8, 2, 6))
+    assert not bool(overflow_fits(jnp.array([14, 2, 2, 2]), 8, 2, 5))
+    # 3 rows over capacity round up to 4 (two half-blocks), 1 row to 2: 6 rows
+    assert not bool(overflow_fits(jnp.array([11, 9, 2, 2]), 8, 2, 5))
 
 
 def test_block_loop_units_cover_each_experts_half_blocks_by_hand():
