@@ -59,7 +59,7 @@ from mixtral_jax.training.trainer import build_program
 # Big enough that matmuls dominate on a 2-core CPU (every matmul has >= 256 rows and a
 # 512-wide side; 106 model GFLOP per dense step), small enough that a step takes ~1-3 s there.
 # MoE: 8 experts of the same width, top-2: the dropless dispatch sees 2 x 1024 slots, ~256 rows
-# per expert, padded per expert to whole 128-row blocks on CPU (models/grouped.py).
+# per expert, laid out on CPU in runs of 64-row half-blocks or a batched region (models/grouped_cpu.py).
 # Layers fully unrolled (model.scan_unroll = n_layers: 0.94-0.95x the looped step, measured):
 # the peer has no scan, and at 4 layers compile time is no concern (compile_time.py keeps the loop).
 TRUNK = dict(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64, hidden_dim=1536,
