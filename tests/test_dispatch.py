@@ -158,6 +158,14 @@ def test_fitted_layout_equals_ragged_dot(case, cap, block):
         np.testing.assert_allclose(out[t, j], want, rtol=1e-4, atol=1e-5)
 
 
+def test_fitted_layout_rejects_a_batched_region_larger_than_the_row_buffer():
+    x, logits, experts = make_inputs(11, 30, 8, 12, 4)
+    ids = jnp.asarray(np.argsort(-np.asarray(logits), axis=-1, kind="stable")[:, :2])
+    # 60 slots in half-blocks of 2 rows: a 64-row buffer; 4 experts x 17 rows do not fit
+    with pytest.raises(ValueError, match="batched region"):
+        laid_out_slot_swiglu(x, ids, *experts, fitted=jnp.array(True), capacity=17, block=4)
+
+
 def test_overflow_fits_by_hand_counted_rows():
     # capacity 8, half-blocks of 2: expert 0's 6 rows over capacity need 6 rows of the region
     assert bool(overflow_fits(jnp.array([14, 2, 2, 2]), 8, 2, 6))

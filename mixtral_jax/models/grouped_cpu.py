@@ -166,7 +166,7 @@ def _rows_swiglu_fwd(xf, units, fitted, w_gate, w_up, w_down, half, batched):
 
 
 def _swiglu_grads(silu, dsilu, up, do, w_down_t):
-    """dgate, dup, and the down projection's input silu * up from dout and w_down^T."""
+    """(dgate, dup): the gradients at the gate and up projections' outputs, from dout and w_down^T."""
     dh = do @ w_down_t
     return dh * up * dsilu, dh * silu
 
@@ -267,6 +267,9 @@ def laid_out_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array,
     must fit, `overflow_fits`), else in runs alone."""
     n, k = expert_ids.shape
     num_experts, half = w_gate.shape[0], _half(block)
+    if num_experts * capacity > padded_block_count(n * k, num_experts, half) * half:
+        raise ValueError(f"capacity {capacity}: the batched region ({num_experts} x {capacity} rows) exceeds "
+                         f"the row buffer of {n * k} slots padded to {half}-row half-blocks")
     layout = jax.lax.cond(fitted, lambda ids: _fitted_layout(ids, num_experts, capacity, half),
                           lambda ids: _blocked_layout(ids, num_experts, half), expert_ids)
     return move(x, layout.slot_of_row, layout.row_of_slot, k, lambda xf: _rows_swiglu(
