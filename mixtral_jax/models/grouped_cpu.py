@@ -15,12 +15,13 @@ ordinary matmuls of a few static sizes:
 `cpu_slot_swiglu` picks the layout per batch on the device (`prefers_fitted`). Both layouts
 share one row buffer, its size fixed by the half-block padding, and one custom_vjp
 (`_rows_swiglu`) whose residuals are that buffer's activations: a plain lax.cond between the
-two made autodiff keep both layouts' residuals, which cost the MoE train step 2.5% even where
-the block layout was always taken. The backward is hand-written so each run's weight gradients
+two made autodiff keep both layouts' residuals, which cost the MoE train step 2.2% even where
+the runs were always taken. The backward is hand-written so each run's weight gradients
 accumulate in place per expert (autodiff of the loop adds a zero-padded [E, D, H] cotangent
 per run). Tried and slower: one loop per expert with a conditional per level (1.33x vs 1.28x),
 a fused [D, 2H] gate-up weight (1.49x vs 1.33x), numpy matmuls of exact group sizes behind
-pure_callback (1.41x), runs of at most 4 half-blocks (1.30x vs 1.26x at 8k tokens: 1.04x).
+pure_callback (1.41x), runs capped at 4 half-blocks (1.04x vs 1.03x at 8k tokens); more in the
+README's performance section.
 """
 
 from __future__ import annotations
