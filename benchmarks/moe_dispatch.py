@@ -8,13 +8,15 @@ Each timing: jit, two warm-up calls, median of --reps calls with block_until_rea
 is MoEBlock as trained (router, top-k softmax, dispatch, aux and z losses in the objective),
 differentiated w.r.t. its input and all its parameters; the dense layer likewise. Expert hidden
 width = --hidden-mult x dim. Configurations whose estimated cost exceeds --max-gflop are skipped
-(the dense dispatcher does E / k times the active FLOPs).
+(the dense dispatcher does E / k times the active FLOPs). Runs under the heap settings
+`mixtral-jax train` restarts itself with (host_allocator.py), as the layers run in training.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import time
 from typing import Callable
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig, MoEConfig
+from mixtral_jax.host_allocator import reexec_with_tunables
 from mixtral_jax.models.layers import MLP
 from mixtral_jax.models.moe import MoEBlock
 
@@ -105,6 +108,7 @@ def run_config(tokens: int, experts: int, top_k: int, dim: int, args) -> dict[st
 
 
 def main() -> None:
+    reexec_with_tunables()  # before any step runs: the new process has the settings from its start
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="the whole grid (hours on a small CPU)")
     parser.add_argument("--reps", type=int, default=7)
@@ -126,7 +130,7 @@ def main() -> None:
     print(f"# MoE dispatch, fwd+bwd, ratio to a dense SwiGLU of width k x hidden "
           f"({device.platform}: {device.device_kind}, {jax.device_count()} device(s), jax {jax.__version__}; "
           f"{args.dtype}, hidden = {args.hidden_mult} x dim, capacity_factor {args.capacity_factor}, "
-          f"median of {args.reps})")
+          f"median of {args.reps}; GLIBC_TUNABLES {os.environ.get('GLIBC_TUNABLES')})")
     print("| tokens | E | k | dim | dense-equiv ms | " + " | ".join(PATHS) + " |")
     print("|---:|---:|---:|---:|---:|" + "---:|" * len(PATHS))
     for tokens, experts, top_k, dim in grid:
