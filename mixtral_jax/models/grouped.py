@@ -79,7 +79,7 @@ def slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: ja
                 w_down: jax.Array, padded_buffer: bool = False) -> jax.Array:
     """[N, k, D]: every (token, slot) through its expert, with the backend's grouped matmul
     (decided at trace time). padded_buffer: x is a worst-case-sized buffer whose unused rows
-    carry the id num_experts (the expert-parallel receive buffer); on CPU the block layout then,
+    carry the id num_experts (the expert-parallel receive buffer); on CPU the runs alone then,
     since the fitted layout's capacity would be sized from the buffer, not the routed rows."""
     backend = jax.default_backend()
     if backend == "cpu":

@@ -2,7 +2,7 @@
 
     grouped_matmul(x [M, K], w [E, K, N], layout) -> [M, N], rows of block i times w[layout.block_expert[i]]
 
-The rows come in the layout `rows.padded_rows` builds (the CPU block loop uses it with
+The rows come in the layout `rows.padded_rows` builds (the CPU runs use it with
 half-blocks): sorted by expert, each expert's rows padded to whole blocks of `bm` rows, so
 every block belongs to one expert.
 XLA's GPU `ragged_dot` expands into one dense matmul per expert (measured 7.7x a dense layer of

@@ -1,6 +1,6 @@
 """Row layouts for grouped (per-expert) matmuls: the N * k (token, expert) slots sorted by
 expert, optionally padded per expert to whole blocks, and the gathers into and out of them.
-Shared by the CPU block loop (`grouped_cpu`), the GPU Pallas kernel and `ragged_dot`."""
+Shared by the CPU runs (`grouped_cpu`), the GPU Pallas kernel and `ragged_dot`."""
 
 from __future__ import annotations
 
