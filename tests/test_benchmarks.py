@@ -69,3 +69,9 @@ def test_data_pipeline_smoke_prints_ratios(corpus_cache):
 def test_compile_time_smoke_prints_ratios():
     ratios = _run_smoke("compile_time")
     assert set(ratios) == {"dense compile 32 layers / 4 layers"}, ratios
+
+
+def test_layer_layout_smoke_runs_the_same_model_both_ways():
+    # The script exits non-zero when the per-layer prototype's loss differs from our step's.
+    ratios = _run_smoke("layer_layout")
+    assert set(ratios) == {"moe per-layer/stacked step time"}, ratios
