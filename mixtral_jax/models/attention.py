@@ -12,6 +12,7 @@ from flax import nnx
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.models.layers import INIT_STD, apply_rope, as_dtype, make_param
+from mixtral_jax.models.matmul import rows_matmul
 
 # Large finite negative rather than -inf: a fully masked row then gives a uniform softmax
 # instead of NaNs (cannot happen with causal masks, since a token always sees itself).
@@ -133,7 +134,7 @@ class Attention(nnx.Module):
 
         def project(w: nnx.Param) -> jax.Array:
             _, heads, head_dim = w.shape
-            return (rows @ w[...].astype(dt).reshape(d, heads * head_dim)).reshape(b, t, heads, head_dim)
+            return rows_matmul(rows, w[...].astype(dt).reshape(d, heads * head_dim)).reshape(b, t, heads, head_dim)
 
         q, k, v = project(self.wq), project(self.wk), project(self.wv)
         return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
@@ -152,7 +153,7 @@ class Attention(nnx.Module):
         """[B, T, H, Dh] -> [B, T, dim] through wo, as one 2-D matmul."""
         b, t, h, hd = out.shape
         wo = self.wo[...].astype(self.dtype).reshape(h * hd, -1)
-        return (out.astype(self.dtype).reshape(b * t, h * hd) @ wo).reshape(b, t, -1)
+        return rows_matmul(out.astype(self.dtype).reshape(b * t, h * hd), wo).reshape(b, t, -1)
 
     def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """A chunk of new tokens x [B, T, dim] at absolute positions [B, T] (increasing, after every

@@ -13,6 +13,7 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.models.attention import Attention, KVCache, head_dim_of
 from mixtral_jax.models.grouped_pallas import SAVE_NAME as GROUPED_MATMUL
 from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
+from mixtral_jax.models.matmul import SAVE_NAME as ROWS_MATMUL, rows_matmul
 from mixtral_jax.models.moe import MoEBlock
 from mixtral_jax.parallel.rules import constrain
 
@@ -24,9 +25,11 @@ _LAYER_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,  # save nothing, recompute the whole layer in the backward pass
-    # keep matmul outputs, the GPU grouped-matmul kernels' included (custom calls are not dots)
+    # keep matmul outputs, the GPU grouped-matmul kernels' and the CPU custom-gradient matmuls'
+    # included (a custom call or custom gradient hides its dot from dots_saveable)
     "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(GROUPED_MATMUL)),
+        jax.checkpoint_policies.dots_saveable,
+        jax.checkpoint_policies.save_only_these_names(GROUPED_MATMUL, ROWS_MATMUL)),
 }
 
 
@@ -174,10 +177,8 @@ class Transformer(nnx.Module):
         dt = self.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d).astype(dt)  # one 2-D matmul (the CPU compiler's fastest form)
-        if self.tie_embeddings:
-            logits = jnp.einsum("nd,vd->nv", rows, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.dot(rows, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        weight = self.embed[...].T if self.tie_embeddings else self.lm_head[...]  # [dim, vocab]
+        logits = rows_matmul(rows, weight.astype(dt), out_dtype=jnp.float32)
         return constrain(logits.reshape(b, t, -1), ("batch", None, "vocab"))
 
     def cache_slots(self, max_len: int) -> int:
