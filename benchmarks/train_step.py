@@ -14,9 +14,9 @@ of a per-round quantity (a step time, a ratio of two step times of the same roun
 MFU against the same round's peak), so a shared machine's drifting speed cancels in the ratios.
 MFU = model FLOPs (training/cost.py, the same for both implementations) per second / peak.
 
---profile times variants of our step against it in the same way (attention kernel, remat, an
-XLA:CPU fusion option, and a lower bound: the step's matmuls alone), then breaks one step down
-per XLA op from a profiler trace.
+--profile times variants of our step against it in the same way (attention kernel, remat,
+autodiff's weight gradients instead of models/matmul.py's, an XLA:CPU fusion option, and a lower
+bound: the step's matmuls alone), then breaks one step down per XLA op from a profiler trace.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import numpy as np
 
 from mixtral_jax.config import Config, DataConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig, TrainConfig, validate
 from mixtral_jax.interop.hf import config_to_hf
+from mixtral_jax.models import matmul
 from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
 from mixtral_jax.training.cost import flops_per_token, measure_matmul_peak
 from mixtral_jax.training.trainer import build_program
@@ -203,8 +204,8 @@ def paired(a: list[float], b: list[float]) -> float:
 
 def matmul_bound(cfg: Config) -> Callable[[], None]:
     """A lower bound on the step: every matmul of its forward and backward pass (y = a @ w,
-    da = dy @ w^T, dw = a^T @ dy, operands stored untransposed as autodiff leaves them) as
-    independent dot_generals in one jit, and nothing else. MoE experts get a perfectly
+    da = dy @ w^T, dw = a^T @ dy with a^T already in memory, as models/matmul.py lays it out on
+    CPU) as independent dot_generals in one jit, and nothing else. MoE experts get a perfectly
     balanced N k / E rows each (no block padding), attention its full T x T score matrices."""
     m, (b, t) = cfg.model, (cfg.data.batch_size, cfg.data.seq_len)
     n, hd = b * t, m.head_dim or m.dim // m.n_heads
@@ -217,13 +218,13 @@ def matmul_bound(cfg: Config) -> Callable[[], None]:
     shapes.append((1, n, m.dim, m.vocab_size))
     rng = np.random.default_rng(0)
     operands = [tuple(jax.device_put(rng.standard_normal(s, np.float32), jax.devices()[0])
-                      for s in ((g, r, k), (g, k, c), (g, r, c))) for g, r, k, c in shapes]
+                      for s in ((g, r, k), (g, k, r), (g, k, c), (g, r, c))) for g, r, k, c in shapes]
     batch_dims = ((0,), (0,))
 
     @jax.jit
-    def run(operands):  # y = a w, da = dy w^T, dw = a^T dy
-        return [jax.lax.dot_general(x, y, (dims, batch_dims)) for a, w, dy in operands
-                for x, y, dims in ((a, w, ((2,), (1,))), (dy, w, ((2,), (2,))), (a, dy, ((1,), (1,))))]
+    def run(operands):  # y = a w, da = dy w^T, dw = a_t dy (a_t: a^T stored)
+        return [jax.lax.dot_general(x, y, (dims, batch_dims)) for a, a_t, w, dy in operands
+                for x, y, dims in ((a, w, ((2,), (1,))), (dy, w, ((2,), (2,))), (a_t, dy, ((2,), (1,))))]
 
     return lambda: jax.block_until_ready(run(operands))
 
@@ -283,6 +284,11 @@ def profile(cfg: Config, name: str, rounds: int, say: Callable[[str], None]) -> 
         other = "plain" if attention != "plain" else "dot_product"
         variants[f"attention_impl={other}"] = OurStep(with_model(cfg, attention_impl=other))
     variants["remat=dots_saveable"] = OurStep(with_model(cfg, remat="dots_saveable"))
+    matmul.CPU_GRADIENT = False  # autodiff's weight-gradient dots (transposed rows), for this compile only
+    try:
+        variants["autodiff weight gradients"] = OurStep(cfg)
+    finally:
+        matmul.CPU_GRADIENT = True
     variants["XLA ynn fusion of eltwise+reduce"] = OurStep(cfg, options=YNN_FUSION)
     variants["matmuls only (lower bound)"] = matmul_bound(cfg)
     variants["peak"] = peak_call
