@@ -14,9 +14,9 @@ of a per-round quantity (a step time, a ratio of two step times of the same roun
 MFU against the same round's peak), so a shared machine's drifting speed cancels in the ratios.
 MFU = model FLOPs (training/cost.py, the same for both implementations) per second / peak.
 
---profile times variants of our step against it in the same way (attention kernel, remat,
-autodiff's weight gradients instead of models/matmul.py's, an XLA:CPU fusion option, and a lower
-bound: the step's matmuls alone), then breaks one step down per XLA op from a profiler trace.
+--profile times variants of our step against it in the same way (attention by XLA's composition,
+remat, autodiff's weight gradients instead of models/matmul.py's, an XLA:CPU fusion option, and a
+lower bound: the step's matmuls alone), then breaks one step down per XLA op from a profiler trace.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 if __package__ in (None, ""):  # run as a file: make `mixtral_jax` and `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,7 +53,7 @@ import numpy as np
 
 from mixtral_jax.config import Config, DataConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig, TrainConfig, validate
 from mixtral_jax.interop.hf import config_to_hf
-from mixtral_jax.models import matmul
+from mixtral_jax.models import attention as attention_module, matmul
 from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
 from mixtral_jax.training.cost import flops_per_token, measure_matmul_peak
 from mixtral_jax.training.trainer import build_program
@@ -280,15 +281,12 @@ def profile(cfg: Config, name: str, rounds: int, say: Callable[[str], None]) -> 
     """Our step against variants of itself, and its per-op breakdown."""
     attention = getattr(cfg.model, "attention_impl", None)
     variants: dict[str, Callable[[], Any]] = {"ours": OurStep(cfg)}
-    if attention is not None:  # the other kernel
-        other = "plain" if attention != "plain" else "dot_product"
-        variants[f"attention_impl={other}"] = OurStep(with_model(cfg, attention_impl=other))
+    # Each patch holds for that variant's trace and compile only.
+    with mock.patch.object(attention_module, "library_implementation", lambda q: "xla"):
+        variants["attention by XLA's composition"] = OurStep(with_model(cfg, attention_impl="dot_product"))
     variants["remat=dots_saveable"] = OurStep(with_model(cfg, remat="dots_saveable"))
-    matmul.CPU_GRADIENT = False  # autodiff's weight-gradient dots (transposed rows), for this compile only
-    try:
+    with mock.patch.object(matmul, "CPU_GRADIENT", False):
         variants["autodiff weight gradients"] = OurStep(cfg)
-    finally:
-        matmul.CPU_GRADIENT = True
     variants["XLA ynn fusion of eltwise+reduce"] = OurStep(cfg, options=YNN_FUSION)
     variants["matmuls only (lower bound)"] = matmul_bound(cfg)
     variants["peak"] = peak_call

@@ -100,8 +100,8 @@ class ModelConfig:
     # layers per iteration of the layer scan: 1 = a loop, compile time flat in depth; n_layers =
     # fully unrolled, static per-layer weight slices (CPU step 0.94x at 4 layers), compile grows
     scan_unroll: int = 1
-    # plain: our einsum attention (scores materialised) | dot_product: jax.nn.dot_product_attention
-    # (cuDNN flash attention on NVIDIA GPUs when it supports the shapes, XLA elsewhere)
+    # plain: our einsum attention (scores materialised) | dot_product: jax.nn.dot_product_attention's
+    # library kernel where one supports the shapes (cuDNN flash on NVIDIA GPUs, 16-bit), else plain
     attention_impl: str = "dot_product"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
