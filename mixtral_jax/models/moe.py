@@ -15,6 +15,7 @@ from flax import nnx
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.models.dispatch import DISPATCHERS, Experts, dense, expert_choice_dispatch
 from mixtral_jax.models.layers import INIT_STD, as_dtype, make_param
+from mixtral_jax.models.matmul import rows_matmul
 from mixtral_jax.models.routing import (
     AUX_SCOPES,
     ROUTERS,
@@ -91,7 +92,7 @@ class MoEBlock(nnx.Module):
         if router_rng is not None and self.jitter > 0:
             router_in = jitter(tokens, router_rng, self.jitter)
         rdt = self.router_dtype
-        logits = (router_in.astype(rdt) @ self.router[...].astype(rdt)).astype(jnp.float32)
+        logits = rows_matmul(router_in.astype(rdt), self.router[...].astype(rdt)).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         bias = self.router_bias[...] if self.router_bias is not None else None
         routing = self.route(logits, bias)
