@@ -99,6 +99,16 @@ def test_meaningless_combination_is_refused():
         MoEBlock(moe_cfg(router="expert_choice", bias_update_rate=0.01), rngs=nnx.Rngs(0))
 
 
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr, those inside nested jaxprs (custom gradients, pjit) included."""
+    for eq in jaxpr.eqns:
+        yield eq
+        for param in eq.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
+
+
 def test_router_dtype_applies_to_weight_and_logits():
     block = MoEBlock(moe_cfg(router_dtype="bfloat16"), rngs=nnx.Rngs(0))
     assert block.router[...].dtype == jnp.bfloat16
@@ -107,7 +117,7 @@ def test_router_dtype_applies_to_weight_and_logits():
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x))(state)
     # The router matmul (the only [4, E] dot) runs in bfloat16. Its value is not compared: XLA may
     # keep excess precision under jit (xla_allow_excess_precision), so it is not bit-exact bf16.
-    router_dots = [eq for eq in jaxpr.eqns if eq.primitive.name == "dot_general"
+    router_dots = [eq for eq in _all_eqns(jaxpr.jaxpr) if eq.primitive.name == "dot_general"
                    and eq.outvars[0].aval.shape == (4, E)]
     assert [eq.outvars[0].aval.dtype for eq in router_dots] == [jnp.bfloat16]
 
