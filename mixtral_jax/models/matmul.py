@@ -6,8 +6,8 @@ that dot to a slower matmul routine than an untransposed one. At the LM head of
 `benchmarks/train_step.py` (1024 rows x 512, vocab 8192) it takes 95 ms, against 52 ms when
 rows^T is first copied into memory. So on CPU the backward pass copies the rows transposed,
 which costs one pass over the activations, and then runs the untransposed matmul. Paired A/B
-of that benchmark's train step: 0.944x (dense) and 0.972x (MoE) with the LM head alone, and
-0.935x (dense) with the MLP too. Other backends keep autodiff's dot, which their matmul
+of that benchmark's train step: 0.944x (dense) and 0.972x (MoE) with the LM head alone, 0.934x
+and 0.963x with every projection. Other backends keep autodiff's dot, which their matmul
 libraries run at full speed in either layout.
 """
 
