@@ -75,11 +75,7 @@ class PerLayerTransformer(transformer.Transformer):
             x, layer_stats = run(x, stack, None if rngs is None else rngs[i:i + 1])
             stats.append(layer_stats)
         stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)
-        aux = {"aux_loss": jnp.mean(stats["aux_loss"]), "z_loss": jnp.mean(stats["z_loss"])}
-        if self.is_moe:
-            aux.update(expert_load=stats["expert_load"], router_entropy=jnp.mean(stats["router_entropy"]),
-                       dropped_fraction=jnp.mean(stats["dropped_fraction"]))
-        return transformer.ModelOutput(self._head(x).astype(jnp.float32), aux)
+        return transformer.ModelOutput(self._head(x).astype(jnp.float32), self._aux(stats, capture_routing))
 
 
 @contextlib.contextmanager

@@ -160,8 +160,11 @@ class Transformer(nnx.Module):
             return layer(block, x, pos, seg, rng)
 
         x, stats = run_layers(x, self.blocks, positions, segment_ids, layer_rngs)  # stats: [n_layers, ...]
-        logits = self._head(x)
+        return ModelOutput(self._head(x).astype(jnp.float32), self._aux(stats, capture_routing))
 
+    def _aux(self, stats: dict[str, jax.Array], capture_routing: bool) -> dict[str, jax.Array]:
+        """The model's aux outputs from the layers' stats stacked [n_layers, ...]: losses and
+        router figures averaged over layers, per-layer expert loads (and choices) kept."""
         aux = {"aux_loss": jnp.mean(stats["aux_loss"]), "z_loss": jnp.mean(stats["z_loss"])}
         if self.is_moe:
             aux["expert_load"] = stats["expert_load"]
@@ -169,7 +172,7 @@ class Transformer(nnx.Module):
             aux["dropped_fraction"] = jnp.mean(stats["dropped_fraction"])
             if capture_routing:
                 aux["top_experts"] = stats["top_experts"]
-        return ModelOutput(logits.astype(jnp.float32), aux)
+        return aux
 
     def _head(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: residual stream [B, T, dim] -> logits [B, T, V]."""
