@@ -1,7 +1,9 @@
-"""Attention kernels, forward + backward: the model's plain jnp attention (scores materialised,
-float32 softmax) against `jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs,
-XLA elsewhere), causal and with a Mistral sliding window. Prints time ratios measured in one run
-and the largest output difference, so the swap can be judged on numbers.
+"""Attention kernels, forward + backward, on rows of packed documents: the model's plain jnp
+attention (scores materialised, float32 softmax) against `jax.nn.dot_product_attention` (cuDNN
+flash attention on NVIDIA GPUs, XLA elsewhere) with the documents as a mask, and on cuDNN against
+its segment layout (models/packed_attention.py), causal and with a Mistral sliding window. Each
+kernel's output and gradients are checked against the plain attention in float32; times are
+ratios measured in one run.
 
     python benchmarks/attention.py            # accelerator: bf16, seq 2048, 16 heads (GQA 16:8), dim 128
     python benchmarks/attention.py --smoke    # anywhere, small shapes
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax.models import packed_attention as packed
 from mixtral_jax.models.attention import attention_mask, dot_product_attention, library_attention
 
 
@@ -29,45 +32,84 @@ def _time(fn, *args, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def packed_rows(b: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """segment_ids and positions [b, t] for rows of 1 to 6 documents of unequal lengths, one row
+    ending in padding (segment 0), as the packer writes them."""
+    splits = [[0.34, 0.49, 0.93], [], [0.05, 0.1, 0.15, 0.2, 0.25], [0.5, 0.99]]
+    segments = np.zeros((b, t), np.int32)
+    positions = np.zeros((b, t), np.int32)
+    for row in range(b):
+        cuts = [0, *(int(f * t) for f in splits[row % len(splits)]), t]
+        for doc, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+            segments[row, lo:hi] = doc + 1
+            positions[row, lo:hi] = np.arange(hi - lo)
+        if row % len(splits) == 3:
+            segments[row, cuts[-2]:] = 0
+    return segments, positions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--reps", type=int, default=None)
     args = parser.parse_args()
-    b, t, h, kv, d = (1, 128, 4, 2, 32) if args.smoke else (4, 2048, 16, 8, 128)
+    b, t, h, kv, d = (4, 128, 4, 2, 32) if args.smoke else (4, 2048, 16, 8, 128)
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
     reps = args.reps or (2 if args.smoke else 20)
     gpu = jax.devices()[0].platform == "gpu"
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), dtype) for n in (h, kv, kv))
-    print(f"device {jax.devices()[0].device_kind}; b {b}, seq {t}, heads {h}/{kv}, head_dim {d}, {jnp.dtype(dtype).name}")
-    # two packed documents per row: the model passes the document mask on every call
-    segments = jnp.broadcast_to((jnp.arange(t) >= t // 3).astype(jnp.int32) + 1, (b, t))
-    positions = jnp.where(segments == 1, jnp.arange(t), jnp.arange(t) - t // 3)
-    impl = "cudnn" if gpu and dtype != jnp.float32 else None
-    print(f"jax.nn kernel: {impl or 'xla'}")
-    print(f"{'mask':<18} {'plain ms':>9} {'+doc mask':>10} {'no doc mask':>11} {'plain/+doc':>10} {'max |diff|':>10}")
+    cotangent = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    segments, positions = (jnp.asarray(a) for a in packed_rows(b, t))
+    cudnn = gpu and dtype != jnp.float32
+    print(f"device {jax.devices()[0].device_kind}; b {b}, seq {t}, heads {h}/{kv}, head_dim {d}, "
+          f"{jnp.dtype(dtype).name}; segments per row {[len(set(r)) for r in segments.tolist()]}; "
+          f"jax.nn kernel: {'cudnn' if cudnn else 'xla'}")
+    print(f"{'mask':<12} {'kernel':<30} {'ms':>8} {'vs mask':>8} {'out err':>8} {'grad err':>8}")
     for label, window in (("causal", None), (f"window {t // 4}", t // 4)):
         mask = attention_mask(positions, positions, segments, segments, window)
         local = None if window is None else (window - 1, 0)
 
-        def plain(q, k, v):
-            return dot_product_attention(q, k, v, mask)
-
-        def library(q, k, v):  # what the model runs (attention_impl: dot_product)
+        def masked(q, k, v):
             return library_attention(q, k, v, positions, segments, window)
 
-        def library_unpacked(q, k, v):  # the kernel alone, without the document mask (as a bias on cuDNN)
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation=impl)
+        kernels = {"plain (ours)": lambda q, k, v: dot_product_attention(q, k, v, mask), "library, document mask": masked}
+        if cudnn:
+            for m in (8, 32):
+                lengths, offsets, _ = packed.segment_layout(segments, m)
+                kernels[f"cuDNN segments M={m}"] = (
+                    lambda q, k, v, lengths=lengths, offsets=offsets: packed.packed_attention(q, k, v, lengths, offsets,
+                                                                                             window))
+            kernels["cuDNN segments M=8, cond"] = lambda q, k, v: packed.packed_or_masked(q, k, v, segments, window,
+                                                                                          masked, 8)
+            kernels["M=4, cond (falls back)"] = lambda q, k, v: packed.packed_or_masked(q, k, v, segments, window,
+                                                                                        masked, 4)
+            kernels["cuDNN, no document mask"] = lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
 
         def loss(fn):
-            return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+            return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
 
-        diff = float(jnp.max(jnp.abs(jax.jit(plain)(q, k, v).astype(jnp.float32)
-                                     - jax.jit(library)(q, k, v).astype(jnp.float32))))
-        times = [_time(loss(fn), q, k, v, reps=reps) for fn in (plain, library, library_unpacked)]
-        print(f"{label:<18} {times[0] * 1e3:>9.2f} {times[1] * 1e3:>10.2f} {times[2] * 1e3:>11.2f} "
-              f"{times[0] / times[1]:>9.2f}x {diff:>10.2e}", flush=True)
+        upcast = [x.astype(jnp.float32) for x in (q, k, v)]
+        ref_out = dot_product_attention(*upcast, mask)
+        ref_grads = jax.grad(loss(kernels["plain (ours)"]), argnums=(0, 1, 2))(*upcast)
+        base = None
+        for name, fn in kernels.items():
+            try:
+                step = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))
+                seconds = _time(step, q, k, v, reps=reps)
+                out_err = float(jnp.max(jnp.abs(jax.jit(fn)(q, k, v).astype(jnp.float32) - ref_out)) /
+                                jnp.max(jnp.abs(ref_out)))
+                grad_err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+                               for g, r in zip(step(q, k, v), ref_grads))
+            except Exception as exc:  # noqa: BLE001 - a kernel the card lacks is reported, not fatal
+                print(f"{label:<12} {name:<30} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                continue
+            base = base if name != "library, document mask" else seconds
+            ratio = f"{seconds / base:.2f}x" if base else ""
+            exact = "" if name != "cuDNN, no document mask" else " (other function)"
+            print(f"{label:<12} {name:<30} {seconds * 1e3:>8.2f} {ratio:>8} {out_err:>8.1e} {grad_err:>8.1e}{exact}",
+                  flush=True)
 
 
 if __name__ == "__main__":

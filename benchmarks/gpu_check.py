@@ -4,16 +4,22 @@ top-2 version at sequence length 2048, on whatever accelerator JAX sees.
 Needs only jax, flax, optax (no data pipeline: random tokens). Prints one table; `--smoke`
 shrinks everything so the same code path runs on a CPU in seconds (the test suite does).
 
-    python benchmarks/gpu_check.py            # on one H100/H200: a few minutes
-    python benchmarks/gpu_check.py --smoke    # anywhere
+    python -m benchmarks.gpu_check            # on one H100/H200: a few minutes
+    python -m benchmarks.gpu_check --smoke    # anywhere
+
+The batch is rows of packed documents (benchmarks/attention.py's `packed_rows`), so the document
+mask is exercised as in training.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
+from typing import NamedTuple
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +27,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from benchmarks.attention import packed_rows
 from mixtral_jax.config import Config, DataConfig, MoEConfig, ModelConfig, OptimConfig, validate
+from mixtral_jax.models import packed_attention
 from mixtral_jax.models.transformer import Transformer, param_counts
 from mixtral_jax.parallel.mesh import MESH_AXES, traced_under
 from mixtral_jax.training.cost import detect_hardware, flops_per_token, peak_tflops
@@ -60,9 +68,9 @@ def time_train_step(cfg: Config, steps: int, under_mesh: bool = False) -> dict:
              "rng": jax.random.PRNGKey(0)}
     b, t = cfg.data.batch_size, cfg.data.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, t + 1)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, t), np.int32),
-             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-             "loss_mask": np.ones((b, t), np.float32)}
+    segment_ids, positions = packed_rows(b, t)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids, "positions": positions,
+             "loss_mask": (segment_ids > 0).astype(np.float32)}
     batch = jax.device_put(batch)
     step_fn = make_train_step(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, 1000))
     if under_mesh:
@@ -85,21 +93,38 @@ def time_train_step(cfg: Config, steps: int, under_mesh: bool = False) -> dict:
             "model_tflops_per_s": tokens_per_s * fpt / 1e12, "loss": loss}
 
 
-def variants(trunk: dict, seq: int, batch: int) -> dict[str, tuple[Config, bool]]:
-    """name -> (config, traced under a one-device mesh). The first of each model is the default
-    configuration; the others change one lever each, so every ratio is measured in this run."""
+class Variant(NamedTuple):
+    cfg: Config
+    under_mesh: bool = False  # traced under a one-device mesh, as the Trainer runs it
+    segments: int | None = None  # packed_attention.MAX_SEGMENTS: cuDNN's segment layout for documents
+
+
+def variants(trunk: dict, seq: int, batch: int) -> dict[str, Variant]:
+    """name -> Variant. The first of each model is the default configuration; the others change
+    one lever each (or name the ones they combine), so every ratio is measured in this run."""
     half = {**trunk, "n_layers": max(trunk["n_layers"] // 2, 1)}
-    dropless = MoEConfig(num_experts=8, top_k=2, dispatch="dropless")
+    dense, dropless = MoEConfig(num_experts=0), MoEConfig(num_experts=8, top_k=2, dispatch="dropless")
     return {
-        "dense": (build(trunk, MoEConfig(num_experts=0), seq, batch), False),
-        "dense, plain attention": (build({**trunk, "attention_impl": "plain"}, MoEConfig(num_experts=0), seq, batch),
-                                   False),
-        "dense, remat none": (build({**trunk, "remat": "none"}, MoEConfig(num_experts=0), seq, batch), False),
-        "moe dropless": (build(half, dropless, seq, batch), False),
-        "moe dropless, mesh": (build(half, dropless, seq, batch), True),
-        "moe dropless, remat none": (build({**half, "remat": "none"}, dropless, seq, batch), False),
-        "moe capacity 1.25": (build(half, dataclasses.replace(dropless, dispatch="capacity"), seq, batch), False),
+        "dense": Variant(build(trunk, dense, seq, batch)),
+        "dense, cuDNN segments": Variant(build(trunk, dense, seq, batch), segments=8),
+        "moe dropless": Variant(build(half, dropless, seq, batch)),
+        "moe dropless, cuDNN segments": Variant(build(half, dropless, seq, batch), segments=8),
+        "dense, segments, batch x2": Variant(build(trunk, dense, seq, 2 * batch), segments=8),
+        "moe dropless, segments, batch x2": Variant(build(half, dropless, seq, 2 * batch), segments=8),
+        "dense, batch x2": Variant(build(trunk, dense, seq, 2 * batch)),
+        "moe capacity 1.25": Variant(build(half, dataclasses.replace(dropless, dispatch="capacity"), seq, batch)),
+        "dense, plain attention": Variant(build({**trunk, "attention_impl": "plain"}, dense, seq, batch)),
+        "dense, remat none": Variant(build({**trunk, "remat": "none"}, dense, seq, batch)),
+        "moe dropless, mesh": Variant(build(half, dropless, seq, batch), under_mesh=True),
+        "moe dropless, remat none": Variant(build({**half, "remat": "none"}, dropless, seq, batch)),
     }
+
+
+def run_variant(variant: Variant, steps: int) -> dict:
+    with contextlib.ExitStack() as stack:
+        if variant.segments is not None:
+            stack.enter_context(mock.patch.object(packed_attention, "MAX_SEGMENTS", variant.segments))
+        return time_train_step(variant.cfg, steps, variant.under_mesh)
 
 
 def main() -> None:
@@ -123,21 +148,22 @@ def main() -> None:
     runs = {name: run for name, run in variants(trunk, seq, batch).items()
             if name in (args.only or (SMOKE_VARIANTS if args.smoke else [name]))}
     results: dict[str, dict] = {}
-    print(f"{'variant':<24} {'layers':>6} {'params':>8} {'active':>8} {'compile s':>9} {'step s':>8} "
+    print(f"{'variant':<34} {'layers':>6} {'params':>8} {'active':>8} {'compile s':>9} {'step s':>8} "
           f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}", flush=True)
-    for name, (cfg, under_mesh) in runs.items():
+    for name, variant in runs.items():
+        cfg = variant.cfg
         if time.perf_counter() - began > args.budget_s:
-            print(f"{name:<24} skipped: the {args.budget_s:.0f} s budget is spent", flush=True)
+            print(f"{name:<34} skipped: the {args.budget_s:.0f} s budget is spent", flush=True)
             continue
         try:  # one variant failing (a kernel the card lacks, memory) must not cost the others
-            r = time_train_step(cfg, steps, under_mesh)
+            r = run_variant(variant, steps)
         except Exception as e:  # noqa: BLE001 - reported, and the check goes on
-            print(f"{name:<24} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            print(f"{name:<34} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             results[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             continue
         r["mfu"] = r["model_tflops_per_s"] / peak
         results[name] = {**r, "n_layers": cfg.model.n_layers, "model": dataclasses.asdict(cfg.model)}
-        print(f"{name:<24} {cfg.model.n_layers:>6} {r['params_total'] / 1e9:>7.2f}B {r['params_active'] / 1e9:>7.2f}B "
+        print(f"{name:<34} {cfg.model.n_layers:>6} {r['params_total'] / 1e9:>7.2f}B {r['params_active'] / 1e9:>7.2f}B "
               f"{r['compile_s']:>9.1f} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
               f"{r['model_tflops_per_s']:>8.1f} {r['mfu']:>6.1%}", flush=True)
         assert np.isfinite(r["loss"]), f"{name}: non-finite loss {r['loss']}"

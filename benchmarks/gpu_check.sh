@@ -8,12 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--smoke" ]; then
-  "$PY" benchmarks/gpu_check.py --smoke
+  "$PY" -m benchmarks.gpu_check --smoke
   "$PY" benchmarks/grouped_matmul.py --smoke
   "$PY" -m benchmarks.moe_dispatch --config 512,8,2,64 --reps 2
 else
-  "$PY" benchmarks/gpu_check.py "$@"
-  "$PY" benchmarks/attention.py
+  "$PY" -m benchmarks.gpu_check "$@"
+  "$PY" -m benchmarks.attention
   "$PY" benchmarks/grouped_matmul.py
   "$PY" -m benchmarks.moe_dispatch --dtype bfloat16 --reps 10 --max-gflop 1e9 \
     --config 16384,8,2,1024 --config 16384,8,2,2048 --config 65536,8,2,1024 \

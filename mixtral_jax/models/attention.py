@@ -12,6 +12,7 @@ from flax import nnx
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.models.layers import INIT_STD, apply_rope, as_dtype, make_param
+from mixtral_jax.models import packed_attention as packed
 from mixtral_jax.models.matmul import rows_matmul
 
 # Large finite negative rather than -inf: a fully masked row then gives a uniform softmax
@@ -106,12 +107,20 @@ def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     """The same attention through `jax.nn.dot_product_attention` (the kernel `library_implementation`
     names; XLA's composition where it names none): causality and the window as the kernel's own
     is_causal / local_window_size (what cuDNN's flash kernel skips blocks by), packed documents as
-    a boolean mask (cuDNN adds it as a bias). Row index order equals position order within a
-    document, so this is the mask `attention_mask` builds from positions."""
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    a boolean mask (cuDNN adds it as a bias), or on cuDNN with `packed.MAX_SEGMENTS` set, as its
+    segment layout. Row index order equals position order within a document, so this is the mask
+    `attention_mask` builds from positions."""
+    implementation = library_implementation(q)
     window_size = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=True,
-                                        local_window_size=window_size, implementation=library_implementation(q))
+
+    def masked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=True,
+                                            local_window_size=window_size, implementation=implementation)
+
+    if implementation == "cudnn" and packed.MAX_SEGMENTS:
+        return packed.packed_or_masked(q, k, v, segment_ids, window, masked, packed.MAX_SEGMENTS)
+    return masked(q, k, v)
 
 
 class Attention(nnx.Module):
