@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -70,20 +71,24 @@ def main() -> None:
         mask = attention_mask(positions, positions, segments, segments, window)
         local = None if window is None else (window - 1, 0)
 
-        def masked(q, k, v):
+        def model_path(q, k, v):  # what the model runs (attention_impl: dot_product)
             return library_attention(q, k, v, positions, segments, window)
 
+        def masked(q, k, v):  # the same with the documents as a mask (cuDNN: a bias)
+            with mock.patch.object(packed, "SEGMENT_BOUNDS", ()):
+                return library_attention(q, k, v, positions, segments, window)
+
         kernels = {"plain (ours)": lambda q, k, v: dot_product_attention(q, k, v, mask), "library, document mask": masked}
-        if cudnn:
+        if cudnn and packed.supported():
+            kernels[f"model: segments {packed.SEGMENT_BOUNDS}"] = model_path
             for m in (8, 32):
                 lengths, offsets, _ = packed.segment_layout(segments, m)
-                kernels[f"cuDNN segments M={m}"] = (
+                kernels[f"cuDNN segments M={m}, no cond"] = (
                     lambda q, k, v, lengths=lengths, offsets=offsets: packed.packed_attention(q, k, v, lengths, offsets,
                                                                                              window))
-            kernels["cuDNN segments M=8, cond"] = lambda q, k, v: packed.packed_or_masked(q, k, v, segments, window,
-                                                                                          masked, 8)
-            kernels["M=4, cond (falls back)"] = lambda q, k, v: packed.packed_or_masked(q, k, v, segments, window,
-                                                                                        masked, 4)
+            kernels["segments (4,): falls back"] = lambda q, k, v: packed.packed_or_masked(q, k, v, segments, window,
+                                                                                           masked, (4,))
+        if cudnn:
             kernels["cuDNN, no document mask"] = lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, local_window_size=local, implementation="cudnn")
 

@@ -107,8 +107,8 @@ def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     """The same attention through `jax.nn.dot_product_attention` (the kernel `library_implementation`
     names; XLA's composition where it names none): causality and the window as the kernel's own
     is_causal / local_window_size (what cuDNN's flash kernel skips blocks by), packed documents as
-    a boolean mask (cuDNN adds it as a bias), or on cuDNN with `packed.MAX_SEGMENTS` set, as its
-    segment layout. Row index order equals position order within a document, so this is the mask
+    a boolean mask (cuDNN adds it as a bias), or where cuDNN has it (Hopper on), as its segment
+    layout (`packed_attention`). Row index order equals position order within a document, so this is the mask
     `attention_mask` builds from positions."""
     implementation = library_implementation(q)
     window_size = None if window is None else (window - 1, 0)
@@ -118,8 +118,8 @@ def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
         return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=True,
                                             local_window_size=window_size, implementation=implementation)
 
-    if implementation == "cudnn" and packed.MAX_SEGMENTS:
-        return packed.packed_or_masked(q, k, v, segment_ids, window, masked, packed.MAX_SEGMENTS)
+    if implementation == "cudnn" and packed.supported():
+        return packed.packed_or_masked(q, k, v, segment_ids, window, masked)
     return masked(q, k, v)
 
 
