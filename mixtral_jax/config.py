@@ -101,7 +101,8 @@ class ModelConfig:
     # fully unrolled, static per-layer weight slices (CPU step 0.94x at 4 layers), compile grows
     scan_unroll: int = 1
     # plain: our einsum attention (scores materialised) | dot_product: jax.nn.dot_product_attention's
-    # library kernel where one supports the shapes (cuDNN flash on NVIDIA GPUs, 16-bit), else plain
+    # library kernel where one supports the shapes (cuDNN flash on NVIDIA GPUs, 16-bit; on Hopper
+    # with packed documents as cuDNN's segment layout, models/packed_attention.py), else plain
     attention_impl: str = "dot_product"
     moe: MoEConfig = field(default_factory=MoEConfig)
 
