@@ -108,8 +108,8 @@ def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     names; XLA's composition where it names none): causality and the window as the kernel's own
     is_causal / local_window_size (what cuDNN's flash kernel skips blocks by), packed documents as
     a boolean mask (cuDNN adds it as a bias), or where cuDNN has it (Hopper on), as its segment
-    layout (`packed_attention`). Row index order equals position order within a document, so this is the mask
-    `attention_mask` builds from positions."""
+    layout (`packed_attention`). Row index order equals position order within a document, so
+    this is the mask `attention_mask` builds from positions."""
     implementation = library_implementation(q)
     window_size = None if window is None else (window - 1, 0)
 
