@@ -5,8 +5,8 @@ its segment layout (models/packed_attention.py), causal and with a Mistral slidi
 kernel's output and gradients are checked against the plain attention in float32; times are
 ratios measured in one run.
 
-    python benchmarks/attention.py            # accelerator: bf16, seq 2048, 16 heads (GQA 16:8), dim 128
-    python benchmarks/attention.py --smoke    # anywhere, small shapes
+    python -m benchmarks.attention          # accelerator: bf16, seq 2048, 16 heads (GQA 16:8), dim 128
+    python -m benchmarks.attention --smoke  # anywhere, small shapes
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, sized for one H100/H200 in under 8 minutes (JAX CUDA build, flax, optax; no
-# network; its parts took ~4-5 min on an H100, run in pieces): bf16 train-step tokens/s and MFU of a ~0.9B dense trunk and its
+# network; nothing to install: every part runs as a module from the repository root). Session 17
+# ran its parts in pieces: the attention benchmark and seven train-step variants in about 3 minutes
+# on an H200. Prints bf16 train-step tokens/s and MFU of a ~0.9B dense trunk and its
 # 8-expert top-2 version at seq 2048 with one-lever variants, the attention kernels, the grouped
 # matmul against ragged_dot, and the MoE dispatch paths' ratios to a dense layer of equal active
 # FLOPs. `--smoke` runs the same code paths on a CPU in about a minute (the test suite does).
@@ -9,12 +11,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--smoke" ]; then
   "$PY" -m benchmarks.gpu_check --smoke
-  "$PY" benchmarks/grouped_matmul.py --smoke
+  "$PY" -m benchmarks.attention --smoke
+  "$PY" -m benchmarks.grouped_matmul --smoke
   "$PY" -m benchmarks.moe_dispatch --config 512,8,2,64 --reps 2
 else
   "$PY" -m benchmarks.gpu_check "$@"
   "$PY" -m benchmarks.attention
-  "$PY" benchmarks/grouped_matmul.py
+  "$PY" -m benchmarks.grouped_matmul
   "$PY" -m benchmarks.moe_dispatch --dtype bfloat16 --reps 10 --max-gflop 1e9 \
     --config 16384,8,2,1024 --config 16384,8,2,2048 --config 65536,8,2,1024 \
     --config 16384,64,8,1024 --config 16384,16,1,1024

@@ -2,8 +2,8 @@
 SwiGLU of the same FLOPs (width top_k x hidden) timed in the same run, with each output and
 gradient checked against the `ragged_dot` path. On a GPU it sweeps the Pallas kernel's tiles.
 
-    python benchmarks/grouped_matmul.py            # GPU: the gpu_check MoE layer (16k rows, E 8, k 2, 2048 -> 5632)
-    python benchmarks/grouped_matmul.py --smoke    # CPU: tiny shapes, the kernels in interpret mode
+    python -m benchmarks.grouped_matmul          # GPU: the gpu_check MoE layer (16k rows, E 8, k 2, 2048 -> 5632)
+    python -m benchmarks.grouped_matmul --smoke  # CPU: tiny shapes, the kernels in interpret mode
 """
 
 from __future__ import annotations

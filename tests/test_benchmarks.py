@@ -26,6 +26,7 @@ def test_gpu_check_smoke_runs_and_reports_mfu():
         assert 0 < mfu < 100, row
     assert "dropless" in out.stdout and "capacity" in out.stdout  # the dispatch table ran too
     assert re.search(r"^pallas .* max grad error", out.stdout, re.M)  # and the grouped-matmul check
+    assert re.search(r"^window \d+\s+library, document mask", out.stdout, re.M)  # and the attention check
 
 
 # ---------------------------------------------------------------- CPU performance benchmarks
