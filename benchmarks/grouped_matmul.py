@@ -61,11 +61,16 @@ def main() -> None:
         return jax.grad(lambda *p: jnp.sum((jax.nn.silu(p[0] @ p[1]) * (p[0] @ p[2]) @ p[3]).astype(jnp.float32) ** 2),
                         argnums=(0, 1, 2, 3))(x, wg, wu, wd)
 
+    @jax.jit
+    def dense_forward(x, wg, wu, wd):
+        return jax.nn.silu(x @ wg) * (x @ wu) @ wd
+
     print(f"device {jax.devices()[0].device_kind}; rows {n} x top-{k}, {e} experts, {d} -> {h}, "
-          f"{jnp.dtype(dtype).name}, median of {reps}")
+          f"{jnp.dtype(dtype).name}, median of {reps}; forward alone and the rest (backward) as ratios too")
     base = timed(dense, (x, *dense_w), reps)
+    base_forward = timed(dense_forward, (x, *dense_w), reps)
     ref_loss, ref_grads = loss_and_grads(ragged_slot_swiglu)(x, *ws, ids)
-    print(f"equal-FLOPs dense SwiGLU: {base * 1e3:.2f} ms")
+    print(f"equal-FLOPs dense SwiGLU: {base * 1e3:.2f} ms, forward {base_forward * 1e3:.2f} ms")
     rows = {"ragged_dot": (ragged_slot_swiglu, None)}
     for block, config in (SWEEP[:1] if args.smoke else SWEEP):
         def fn(x, ids, wg, wu, wd, block=block, config=config):
@@ -78,7 +83,9 @@ def main() -> None:
             err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))) /
                             (float(jnp.max(jnp.abs(r.astype(jnp.float32)))) + 1e-30)) for g, r in zip(grads, ref_grads))
             seconds = timed(step, (x, *ws, ids), reps)
-            print(f"{name:<28} {seconds * 1e3:8.2f} ms  {seconds / base:6.2f}x dense  "
+            forward = timed(jax.jit(fn), (x, ids, *ws), reps)
+            print(f"{name:<28} {seconds * 1e3:8.2f} ms  {seconds / base:6.2f}x dense  (forward "
+                  f"{forward / base_forward:.2f}x, backward {(seconds - forward) / (base - base_forward):.2f}x)  "
                   f"max grad error / max |grad| {err:.1e}  loss {float(value):.4g} vs {float(ref_loss):.4g}", flush=True)
         except Exception as exc:  # noqa: BLE001 - a tile config the card rejects is reported, not fatal
             print(f"{name:<28} FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
