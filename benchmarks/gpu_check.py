@@ -122,9 +122,9 @@ def variants(trunk: dict, seq: int, batch: int) -> dict[str, Variant]:
 
 
 def run_variant(variant: Variant, steps: int) -> dict:
-    with contextlib.ExitStack() as stack:
-        if variant.segment_bounds is not None:
-            stack.enter_context(mock.patch.object(packed_attention, "SEGMENT_BOUNDS", variant.segment_bounds))
+    bounds = (contextlib.nullcontext() if variant.segment_bounds is None else
+              mock.patch.object(packed_attention, "SEGMENT_BOUNDS", variant.segment_bounds))
+    with bounds:
         return time_train_step(variant.cfg, steps, variant.under_mesh)
 
 
