@@ -1,7 +1,7 @@
 """Attention kernels, forward + backward, on rows of packed documents: the model's plain jnp
 attention (scores materialised, float32 softmax) against `jax.nn.dot_product_attention` (cuDNN
 flash attention on NVIDIA GPUs, XLA elsewhere) with the documents as a mask, and on cuDNN against
-its segment layout (models/packed_attention.py), causal and with a Mistral sliding window. Each
+its segment layout (kernels/packed_attention.py), causal and with a Mistral sliding window. Each
 kernel's output and gradients are checked against the plain attention in float32; times are
 ratios measured in one run.
 
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.models import packed_attention as packed
+from mixtral_jax.kernels import packed_attention as packed
 from mixtral_jax.models.attention import attention_mask, dot_product_attention, library_attention
 
 
@@ -71,12 +70,13 @@ def main() -> None:
         mask = attention_mask(positions, positions, segments, segments, window)
         local = None if window is None else (window - 1, 0)
 
+        library = "cudnn" if cudnn else "xla"
+
         def model_path(q, k, v):  # what the model runs (attention_impl: dot_product)
-            return library_attention(q, k, v, positions, segments, window)
+            return library_attention(q, k, v, positions, segments, window, library, packed.SEGMENT_BOUNDS)
 
         def masked(q, k, v):  # the same with the documents as a mask (cuDNN: a bias)
-            with mock.patch.object(packed, "SEGMENT_BOUNDS", ()):
-                return library_attention(q, k, v, positions, segments, window)
+            return library_attention(q, k, v, positions, segments, window, library, ())
 
         kernels = {"plain (ours)": lambda q, k, v: dot_product_attention(q, k, v, mask), "library, document mask": masked}
         if cudnn and packed.supported():

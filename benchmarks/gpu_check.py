@@ -14,12 +14,10 @@ mask is exercised as in training.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import time
 from typing import NamedTuple
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +27,9 @@ from jax.sharding import Mesh
 
 from benchmarks.attention import packed_rows
 from mixtral_jax.config import Config, DataConfig, MoEConfig, ModelConfig, OptimConfig, validate
-from mixtral_jax.models import packed_attention
-from mixtral_jax.models.transformer import Transformer, param_counts
+from mixtral_jax.kernels.backend import Kernels
+from mixtral_jax.models.params import param_counts
+from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import MESH_AXES, traced_under
 from mixtral_jax.training.cost import detect_hardware, flops_per_token, peak_tflops
 from mixtral_jax.training.optim import learning_rate_schedule, make_optimizer
@@ -56,12 +55,12 @@ def build(model: dict, moe: MoEConfig, seq_len: int, batch: int) -> Config:
     return cfg
 
 
-def time_train_step(cfg: Config, steps: int, under_mesh: bool = False) -> dict:
+def time_train_step(cfg: Config, steps: int, under_mesh: bool = False, kernels: Kernels | None = None) -> dict:
     """Compile once, then time `steps` steps of the full train step (fwd + bwd + AdamW).
     under_mesh: trace it under a one-device mesh as the Trainer does, so the MoE dispatch takes
-    its shard_map (expert-parallel) path with a local exchange."""
+    its shard_map (expert-parallel) path with a local exchange. kernels: the model's kernels."""
     tx = make_optimizer(cfg.optim, 1000)
-    model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+    model = Transformer(cfg.model, kernels=kernels, rngs=nnx.Rngs(0))
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     del model
     state = {"step": jnp.int32(0), "params": params, "model_state": model_state, "opt_state": tx.init(params),
@@ -96,7 +95,7 @@ def time_train_step(cfg: Config, steps: int, under_mesh: bool = False) -> dict:
 class Variant(NamedTuple):
     cfg: Config
     under_mesh: bool = False  # traced under a one-device mesh, as the Trainer runs it
-    segment_bounds: tuple[int, ...] | None = None  # packed_attention.SEGMENT_BOUNDS; () = the document mask
+    segment_bounds: tuple[int, ...] | None = None  # Kernels.segment_bounds; None = the default, () = the mask
 
 
 def variants(trunk: dict, seq: int, batch: int) -> dict[str, Variant]:
@@ -122,10 +121,10 @@ def variants(trunk: dict, seq: int, batch: int) -> dict[str, Variant]:
 
 
 def run_variant(variant: Variant, steps: int) -> dict:
-    bounds = (contextlib.nullcontext() if variant.segment_bounds is None else
-              mock.patch.object(packed_attention, "SEGMENT_BOUNDS", variant.segment_bounds))
-    with bounds:
-        return time_train_step(variant.cfg, steps, variant.under_mesh)
+    kernels = Kernels.for_backend()
+    if variant.segment_bounds is not None:
+        kernels = kernels.replace(segment_bounds=variant.segment_bounds)
+    return time_train_step(variant.cfg, steps, variant.under_mesh, kernels)
 
 
 def main() -> None:

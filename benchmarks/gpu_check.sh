@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, sized for one H100/H200 in under 8 minutes (JAX CUDA build, flax, optax; no
-# network; nothing to install: every part runs as a module from the repository root). Session 17
-# ran its parts in pieces: the attention benchmark and seven train-step variants in about 3 minutes
-# on an H200. Prints bf16 train-step tokens/s and MFU of a ~0.9B dense trunk and its
+# network; nothing to install: every part runs as a module from the repository root). The
+# attention benchmark and seven train-step variants take about 3 minutes on an H200.
+# Prints bf16 train-step tokens/s and MFU of a ~0.9B dense trunk and its
 # 8-expert top-2 version at seq 2048 with one-lever variants, the attention kernels, the grouped
 # matmul against ragged_dot, and the MoE dispatch paths' ratios to a dense layer of equal active
 # FLOPs. `--smoke` runs the same code paths on a CPU in about a minute (the test suite does).

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.models.grouped import pallas_slot_swiglu, ragged_slot_swiglu
-from mixtral_jax.models.grouped_pallas import DEFAULT
+from mixtral_jax.kernels.grouped import pallas_slot_swiglu, ragged_slot_swiglu
+from mixtral_jax.kernels.grouped_pallas import DEFAULT
 
 SWEEP = [  # (rows per block, kernel config); the first is what the model runs
     (128, DEFAULT), (128, DEFAULT._replace(num_warps=8)), (128, DEFAULT._replace(num_stages=4)),

@@ -11,19 +11,19 @@ XLA:CPU copies a static slice of a stacked array (the layer's weights) and build
 gradient by concatenation: both are memory-bound passes over the weights, several times the
 MoE's size. The prototype bounds what removing them could gain. It is a measurement, not a
 supported model: the stacked layout is shared by the layer scan, the sharding rules, the
-checkpoints, the converters and generation.
+checkpoints, the converters and generation. Both steps are the Trainer's own (`build_program`),
+the prototype passed in as its model factory.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,26 +36,32 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.tree_util import keystr, tree_flatten_with_path, tree_unflatten  # noqa: E402
 
-from benchmarks.train_step import (MOE, SMOKE, SMOKE_SHAPE, TRUNK, TRUNK_SHAPE, OurStep, interleave,  # noqa: E402
-                                   make_config, paired, ratio_line)
+from benchmarks.train_step import (MOE, SMOKE, SMOKE_SHAPE, TRUNK, TRUNK_SHAPE, interleave, make_config,  # noqa: E402
+                                   paired, random_batch, ratio_line)
+from mixtral_jax.config import Config, ModelConfig  # noqa: E402
+from mixtral_jax.kernels.backend import Kernels  # noqa: E402
 from mixtral_jax.models import transformer  # noqa: E402
-from mixtral_jax.training import trainer  # noqa: E402
+from mixtral_jax.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
+from mixtral_jax.training.trainer import ModelFactory, build_program  # noqa: E402
+
+# The stacked axis of each one-layer stack is named "layers" like the model's (transformer.py).
+LAYER_METADATA = {nnx.PARTITION_NAME: transformer.LAYERS_AXIS}
 
 
 class PerLayerTransformer(transformer.Transformer):
     """The same model with `blocks` a list of one-layer stacks: slicing a [1, ...] stack is a
     bitcast, so no layer's weights are copied and no gradient is concatenated."""
 
-    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
+        super().__init__(cfg, kernels=kernels, rngs=rngs)
         if cfg.remat != "none":
             raise ValueError("the prototype runs without remat")
         one = dataclasses.replace(cfg, n_layers=1)
 
         @nnx.split_rngs(splits=1)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=transformer._LAYER_METADATA)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
         def one_layer(layer_rngs: nnx.Rngs) -> transformer.Block:
-            return transformer.Block(one, rngs=layer_rngs)
+            return transformer.Block(one, kernels=self.kernels, rngs=layer_rngs)
 
         self.blocks = nnx.List([one_layer(rngs) for _ in range(cfg.n_layers)])
 
@@ -68,7 +74,7 @@ class PerLayerTransformer(transformer.Transformer):
         rngs = None if router_rng is None else jax.random.split(router_rng, self.n_layers)
         stats = []
         for i, stack in enumerate(self.blocks):
-            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=transformer._LAYER_METADATA)
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_METADATA)
             def run(x: jax.Array, block: transformer.Block, rng: jax.Array | None):
                 return block(x, positions, segment_ids, rng, capture_routing)
 
@@ -78,15 +84,22 @@ class PerLayerTransformer(transformer.Transformer):
         return transformer.ModelOutput(self._head(x).astype(jnp.float32), self._aux(stats, capture_routing))
 
 
-@contextlib.contextmanager
-def per_layer_model() -> Iterator[None]:
-    """The trainer builds PerLayerTransformer while inside."""
-    original = trainer.Transformer
-    trainer.Transformer = PerLayerTransformer
-    try:
-        yield
-    finally:
-        trainer.Transformer = original
+class Step:
+    """The Trainer's compiled train step for the model `model_factory` builds, on the first
+    device (as train_step.OurStep); each call runs one step to completion."""
+
+    def __init__(self, cfg: Config, model_factory: ModelFactory):
+        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+        program = build_program(cfg, mesh, model_factory)
+        self.state = program.init_state()
+        self.batch = jax.device_put(random_batch(cfg), batch_sharding(mesh))
+        self.step = program.train_step.lower(self.state, self.batch).compile()
+        self.loss = float("nan")
+
+    def __call__(self) -> None:
+        self.state, metrics = self.step(self.state, self.batch)
+        jax.block_until_ready((self.state, metrics))
+        self.loss = float(metrics["loss"])
 
 
 def copy_state(stacked: Any, per_layer: Any) -> Any:
@@ -109,9 +122,8 @@ def copy_state(stacked: Any, per_layer: Any) -> Any:
 
 def compare(name: str, moe: Any, rounds: int, smoke: bool) -> float:
     cfg = make_config(SMOKE, moe, *SMOKE_SHAPE) if smoke else make_config(TRUNK, moe, *TRUNK_SHAPE)
-    stacked = OurStep(cfg)
-    with per_layer_model():
-        separate = OurStep(cfg)
+    stacked = Step(cfg, transformer.Transformer)
+    separate = Step(cfg, PerLayerTransformer)
     separate.state = copy_state(stacked.state, separate.state)
     samples = interleave({"stacked": stacked, "per-layer": separate}, rounds, warmup=2)
     ratio = paired(samples["per-layer"], samples["stacked"])

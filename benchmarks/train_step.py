@@ -15,7 +15,7 @@ MFU against the same round's peak), so a shared machine's drifting speed cancels
 MFU = model FLOPs (training/cost.py, the same for both implementations) per second / peak.
 
 --profile times variants of our step against it in the same way (attention by XLA's composition,
-remat, autodiff's weight gradients instead of models/matmul.py's, an XLA:CPU fusion option, and a
+remat, autodiff's weight gradients instead of kernels/matmul.py's, an XLA:CPU fusion option, and a
 lower bound: the step's matmuls alone), then breaks one step down per XLA op from a profiler trace.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -35,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
-from unittest import mock
 
 if __package__ in (None, ""):  # run as a file: make `mixtral_jax` and `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -53,7 +53,8 @@ import numpy as np
 
 from mixtral_jax.config import Config, DataConfig, MeshConfig, MoEConfig, ModelConfig, OptimConfig, TrainConfig, validate
 from mixtral_jax.interop.hf import config_to_hf
-from mixtral_jax.models import attention as attention_module, matmul
+from mixtral_jax.kernels.backend import Kernels
+from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
 from mixtral_jax.training.cost import flops_per_token, measure_matmul_peak
 from mixtral_jax.training.trainer import build_program
@@ -61,7 +62,7 @@ from mixtral_jax.training.trainer import build_program
 # Big enough that matmuls dominate on a 2-core CPU (every matmul has >= 256 rows and a
 # 512-wide side; 106 model GFLOP per dense step), small enough that a step takes ~1-3 s there.
 # MoE: 8 experts of the same width, top-2: the dropless dispatch sees 2 x 1024 slots, ~256 rows
-# per expert, laid out on CPU in runs of 64-row half-blocks or a batched region (models/grouped_cpu.py).
+# per expert, laid out on CPU in runs of 64-row half-blocks or a batched region (kernels/grouped_cpu.py).
 # Layers fully unrolled (model.scan_unroll = n_layers: 0.94-0.95x the looped step, measured):
 # the peer has no scan, and at 4 layers compile time is no concern (compile_time.py keeps the loop).
 TRUNK = dict(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64, hidden_dim=1536,
@@ -105,10 +106,12 @@ def random_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
 class OurStep:
     """The Trainer's compiled train step on the first device; each call runs one step to completion."""
 
-    def __init__(self, cfg: Config, seed: int = 0, options: dict[str, Any] | None = None):
-        """options: XLA debug options for this compile only (jax compiler_options)."""
+    def __init__(self, cfg: Config, seed: int = 0, options: dict[str, Any] | None = None,
+                 kernels: Kernels | None = None):
+        """options: XLA debug options for this compile only (jax compiler_options). kernels: the
+        model's kernels, when a variant measures another choice than the backend's default."""
         mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        program = build_program(cfg, mesh)
+        program = build_program(cfg, mesh, functools.partial(Transformer, kernels=kernels))
         self.state = program.init_state()
         self.batch = jax.device_put(random_batch(cfg, seed), batch_sharding(mesh))
         start = time.perf_counter()
@@ -205,11 +208,11 @@ def paired(a: list[float], b: list[float]) -> float:
 
 def matmul_bound(cfg: Config) -> Callable[[], None]:
     """A lower bound on the step: every matmul of its forward and backward pass (y = a @ w,
-    da = dy @ w^T, dw = a^T @ dy with a^T already in memory, as models/matmul.py lays it out on
+    da = dy @ w^T, dw = a^T @ dy with a^T already in memory, as kernels/matmul.py lays it out on
     CPU) as independent dot_generals in one jit, and nothing else. MoE experts get a perfectly
     balanced N k / E rows each (no block padding), attention its full T x T score matrices."""
     m, (b, t) = cfg.model, (cfg.data.batch_size, cfg.data.seq_len)
-    n, hd = b * t, m.head_dim or m.dim // m.n_heads
+    n, hd = b * t, m.head_dim
     shapes = []  # (batch, rows, contraction, columns) of each forward matmul
     for _ in range(m.n_layers):
         shapes += [(1, n, m.dim, m.n_heads * hd), (1, n, m.dim, 2 * m.n_kv_heads * hd),
@@ -281,12 +284,11 @@ def profile(cfg: Config, name: str, rounds: int, say: Callable[[str], None]) -> 
     """Our step against variants of itself, and its per-op breakdown."""
     attention = getattr(cfg.model, "attention_impl", None)
     variants: dict[str, Callable[[], Any]] = {"ours": OurStep(cfg)}
-    # Each patch holds for that variant's trace and compile only.
-    with mock.patch.object(attention_module, "library_implementation", lambda q: "xla"):
-        variants["attention by XLA's composition"] = OurStep(with_model(cfg, attention_impl="dot_product"))
+    cpu = Kernels.for_backend()
+    variants["attention by XLA's composition"] = OurStep(with_model(cfg, attention_impl="dot_product"),
+                                                         kernels=cpu.replace(attention_library="xla"))
     variants["remat=dots_saveable"] = OurStep(with_model(cfg, remat="dots_saveable"))
-    with mock.patch.object(matmul, "CPU_GRADIENT", False):
-        variants["autodiff weight gradients"] = OurStep(cfg)
+    variants["autodiff weight gradients"] = OurStep(cfg, kernels=cpu.replace(matmul_custom_gradient=False))
     variants["XLA ynn fusion of eltwise+reduce"] = OurStep(cfg, options=YNN_FUSION)
     variants["matmuls only (lower bound)"] = matmul_bound(cfg)
     variants["peak"] = peak_call

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from mixtral_jax.config import ConfigError, did_you_mean, load_config
+from mixtral_jax.hardware import ACCELERATORS, HARDWARE_CHOICES
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -89,7 +90,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from mixtral_jax.models.transformer import param_counts
+    from mixtral_jax.models.params import param_counts
 
     counts = param_counts(cfg.model)
     plan = None
@@ -132,9 +133,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
             cost.check_number(flag, value, **options)
     hardware = args.hardware or cfg.cost.hardware
     override = args.peak_tflops if args.peak_tflops is not None else cfg.cost.peak_tflops
-    if hardware not in cost.HARDWARE_CHOICES and override is None:  # with a peak given it is a label
-        raise ConfigError(f"--hardware '{hardware}' is not one of {', '.join(cost.HARDWARE_CHOICES)}"
-                          f"{did_you_mean(hardware, cost.HARDWARE_CHOICES)}")
+    if hardware not in HARDWARE_CHOICES and override is None:  # with a peak given it is a label
+        raise ConfigError(f"--hardware '{hardware}' is not one of {', '.join(HARDWARE_CHOICES)}"
+                          f"{did_you_mean(hardware, HARDWARE_CHOICES)}")
     if hardware == "auto":
         hardware = cost.detect_hardware()
     peak, source = cost.peak_tflops(hardware, override, cfg.model.dtype)
@@ -257,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     params.add_argument("--mesh", help="also estimate memory per device on this mesh, e.g. fsdp=8,expert=8 "
                                        "(axes data, fsdp, expert, tensor; unnamed axes 1)")
-    params.add_argument("--device", help="say whether the estimate fits one of: a100-40gb, a100, h100, h200, b200, "
-                                         "tpu-v4, tpu-v5e, tpu-v5p, trillium")
+    params.add_argument("--device", help=f"say whether the estimate fits one of: {', '.join(ACCELERATORS)}")
     params.add_argument("--json", action="store_true", help="print one JSON object (keys include total, active "
                                                             "and, with --mesh, memory)")
     params.set_defaults(func=cmd_params)
@@ -272,8 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     comp.add_argument("--mesh", required=True, help="target mesh, e.g. fsdp=4,expert=2 (axes data, fsdp, expert, "
                                                     "tensor; unnamed axes 1)")
-    comp.add_argument("--device", help="say whether it fits one of: a100-40gb, a100, h100, h200, b200, tpu-v4, "
-                                       "tpu-v5e, tpu-v5p, trillium")
+    comp.add_argument("--device", help=f"say whether it fits one of: {', '.join(ACCELERATORS)}")
     comp.add_argument("--json", action="store_true", help="print one JSON object (bytes)")
     comp.set_defaults(func=cmd_compile)
 
@@ -285,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     plan.add_argument("--tokens", type=float, help="training tokens (e.g. 2e12)")
     plan.add_argument("--device-hours", type=float, help="device-hours to spend (reverse mode)")
-    plan.add_argument("--hardware", help="a100, h100, h200, b200, tpu-v4, tpu-v5e, tpu-v5p, trillium, cpu or auto "
+    plan.add_argument("--hardware", help=f"one of {', '.join(HARDWARE_CHOICES)} "
                                          "(default: the config's cost.hardware)")
     plan.add_argument("--peak-tflops", type=float, help="override the per-device peak")
     plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mixtral_jax.config import load_config
-from mixtral_jax.models import attention
+from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.models.attention import Attention, attention_mask
 from mixtral_jax.models.layers import RMSNorm, apply_rope
 
@@ -110,15 +110,14 @@ def test_mask_blocks_attention_across_segments():
 
 @pytest.mark.parametrize("impl,kernel", [("plain", None), ("dot_product", None), ("dot_product", "xla")])
 @pytest.mark.parametrize("window", [None, 3])
-def test_gqa_matches_numpy_loop(window, impl, kernel, monkeypatch):
+def test_gqa_matches_numpy_loop(window, impl, kernel):
     """Both implementations against the loop, on packed documents: ours, and
     jax.nn.dot_product_attention with the window as local_window_size. On CPU dot_product has no
     library kernel and runs ours, so the library call is also forced (kernel "xla", XLA's
     composition) to check the arguments it gets on GPUs."""
-    if kernel:
-        monkeypatch.setattr(attention, "library_implementation", lambda q: kernel)
+    kernels = Kernels.for_backend("cpu").replace(attention_library=kernel)
     cfg = tiny_cfg(dim=16, n_heads=4, n_kv_heads=2, head_dim=6, sliding_window=window, attention_impl=impl)
-    attn = Attention(cfg, rngs=nnx.Rngs(0))
+    attn = Attention(cfg, kernels=kernels, rngs=nnx.Rngs(0))
     x = np.random.default_rng(2).normal(size=(2, 12, 16)).astype(np.float32)
     pos, seg = packed_inputs()
     got = attn(jnp.asarray(x), jnp.asarray(pos), jnp.asarray(seg))

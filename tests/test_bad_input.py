@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from mixtral_jax.cli import main
-from mixtral_jax.config import Config, ConfigError, DataConfig, _read_yaml, from_dict, load_config, resolve_config_path
-from mixtral_jax.data import corpus
+from mixtral_jax.config import Config, ConfigError, DataConfig, from_dict, load_config, resolve_config_path
+from mixtral_jax.config.loading import _read_yaml
+from mixtral_jax.data import sources
 
 # ---------------------------------------------------------------- config fuzz
 
@@ -268,7 +269,7 @@ def test_cli_bad_key_and_malformed_yaml_exit_2_with_one_line(tmp_path):
 
 def _docs(source: str) -> list:
     cfg = DataConfig(source=source)
-    return list(corpus.load_documents(cfg, "train")) + list(corpus.load_documents(cfg, "validation"))
+    return list(sources.load_documents(cfg, "train")) + list(sources.load_documents(cfg, "validation"))
 
 
 def test_empty_corpora_are_clear_errors(tmp_path):

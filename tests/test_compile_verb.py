@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from mixtral_jax.cli import main
-from mixtral_jax.models.transformer import param_counts
+from mixtral_jax.models.params import param_counts
 from mixtral_jax.config import load_config
 
 TINY = ["model.n_layers=2", "data.batch_size=8", "data.seq_len=64"]

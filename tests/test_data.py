@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mixtral_jax.config import DataConfig, TokenizerConfig
-from mixtral_jax.data import corpus, pipeline
+from mixtral_jax.data import corpus, pipeline, sources
 from mixtral_jax.data.tokenizer import load_or_train_tokenizer, unigram_entropy
 
 BOS, EOS = 1, 2
@@ -105,7 +105,7 @@ def _paths(data_dir: Path, split: str) -> list[str]:
 
 
 def test_python_source_split_by_file_disjoint_and_deterministic(py_cfg, tmp_path):
-    train_docs = corpus.load_documents(py_cfg, "train")
+    train_docs = sources.load_documents(py_cfg, "train")
     data_dir = corpus.python_source_dir()
     train, val = _paths(data_dir, "train"), _paths(data_dir, "validation")
     assert len(train_docs) == len(train) and not set(train) & set(val)
@@ -124,12 +124,12 @@ def test_tfds_source_reads_prepared_dataset(py_cfg, monkeypatch):
     corpus.build_python_source()
     monkeypatch.setenv("TFDS_DATA_DIR", str(corpus.python_source_dir()))
     cfg = DataConfig(source=f"tfds:{corpus.PYTHON_SOURCE_NAME}/{corpus.PYTHON_SOURCE_CONFIG}")
-    val = corpus.load_documents(cfg, "validation")
-    assert list(val) == list(corpus.load_documents(py_cfg, "validation"))
+    val = sources.load_documents(cfg, "validation")
+    assert list(val) == list(sources.load_documents(py_cfg, "validation"))
     with pytest.raises(ValueError, match="no feature 'body'"):
-        corpus.load_documents(DataConfig(source=cfg.source, text_key="body"), "train")
+        sources.load_documents(DataConfig(source=cfg.source, text_key="body"), "train")
     with pytest.raises(ValueError, match="unknown tfds dataset"):
-        corpus.load_documents(DataConfig(source="tfds:no_such_dataset_xyz"), "train")
+        sources.load_documents(DataConfig(source="tfds:no_such_dataset_xyz"), "train")
 
 
 def test_tfds_source_without_validation_split_is_carved_by_index(tmp_path, monkeypatch):
@@ -153,10 +153,10 @@ def test_tfds_source_without_validation_split_is_carved_by_index(tmp_path, monke
     MixtralJaxTestTrainOnly(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     cfg = DataConfig(source="tfds:mixtral_jax_test_train_only", text_key="body")
-    train, val = list(corpus.load_documents(cfg, "train")), list(corpus.load_documents(cfg, "validation"))
+    train, val = list(sources.load_documents(cfg, "train")), list(sources.load_documents(cfg, "validation"))
     assert sorted(train + val) == sorted(f"record {i}" for i in range(400)) and not set(train) & set(val)
     assert 2 <= len(val) <= 30
-    assert val == list(corpus.load_documents(cfg, "validation"))
+    assert val == list(sources.load_documents(cfg, "validation"))
 
 
 def test_jsonl_skips_bad_lines_with_counts(tmp_path, caplog):
@@ -166,15 +166,15 @@ def test_jsonl_skips_bad_lines_with_counts(tmp_path, caplog):
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     cfg = DataConfig(source=f"jsonl:{tmp_path / 'a.jsonl'}")
     with caplog.at_level(logging.WARNING):
-        train = list(corpus.load_documents(cfg, "train"))
+        train = list(sources.load_documents(cfg, "train"))
     assert "skipped 1 line(s) of invalid JSON and 1 record(s)" in caplog.text
-    val = list(corpus.load_documents(cfg, "validation"))
+    val = list(sources.load_documents(cfg, "validation"))
     assert sorted(train + val) == sorted(good) and val and not set(train) & set(val)
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\nnot json\n')
     with pytest.raises(ValueError, match="no usable records.*'text'"):
-        corpus.load_documents(DataConfig(source=f"jsonl:{tmp_path / 'bad.jsonl'}"), "train")
+        sources.load_documents(DataConfig(source=f"jsonl:{tmp_path / 'bad.jsonl'}"), "train")
     with pytest.raises(ValueError, match="no such file"):
-        corpus.load_documents(DataConfig(source=f"jsonl:{tmp_path / 'missing*.jsonl'}"), "train")
+        sources.load_documents(DataConfig(source=f"jsonl:{tmp_path / 'missing*.jsonl'}"), "train")
 
 
 def test_text_dir_skips_binary_and_non_utf8(tmp_path, caplog):
@@ -186,7 +186,7 @@ def test_text_dir_skips_binary_and_non_utf8(tmp_path, caplog):
     (tmp_path / "nul.txt").write_bytes(b"abc\x00def")
     cfg = DataConfig(source=f"text:{tmp_path}")
     with caplog.at_level(logging.WARNING):
-        docs = list(corpus.load_documents(cfg, "train")) + list(corpus.load_documents(cfg, "validation"))
+        docs = list(sources.load_documents(cfg, "train")) + list(sources.load_documents(cfg, "validation"))
     assert sorted(docs) == ["def f():\n    return 1\n", "hello world\n"]
     assert "skipped 3 binary or non-UTF-8 file(s)" in caplog.text
 
@@ -196,7 +196,7 @@ def test_text_dir_skips_binary_and_non_utf8(tmp_path, caplog):
 
 def test_tokenizer_round_trips_python_and_uses_byte_fallback(py_cfg, py_tok):
     assert (py_tok.vocab_size, py_tok.unk_id, py_tok.bos_id, py_tok.eos_id, py_tok.pad_id) == (TOK_VOCAB, 0, 1, 2, 0)
-    val = corpus.load_documents(py_cfg, "validation")
+    val = sources.load_documents(py_cfg, "validation")
     for i in range(0, len(val), max(1, len(val) // 20)):  # held-out files: unseen by the trainer
         assert py_tok.decode(py_tok.encode(val[i])) == val[i]
     for text in ["    x = 1\n\n\n\tif y:  \n        pass  # trailing  ", " lead", "a\r\nb", "12345678"]:
@@ -264,7 +264,7 @@ def _reference_rows(docs, order, length, n_rows):
 def test_packing_matches_reference(synth):
     cfg, _ = synth
     tok, seed, n = CharTokenizer(), 3, 40
-    docs = list(corpus.load_documents(cfg, "train"))
+    docs = list(sources.load_documents(cfg, "train"))
     batches = _take(pipeline.make_train_iterator(cfg, tok, seed=seed), n)
     T, B = cfg.seq_len, cfg.batch_size
     for b in batches:
@@ -338,7 +338,7 @@ def test_no_packing_keeps_one_document_per_row(synth):
 def test_eval_batches_are_fixed_and_cover_validation(synth):
     cfg, _ = synth
     tok = CharTokenizer()
-    val = list(corpus.load_documents(cfg, "validation"))
+    val = list(sources.load_documents(cfg, "validation"))
     a = pipeline.make_eval_batches(cfg, tok, 1000)  # more than there is: every row, in order
     assert _same(a, pipeline.make_eval_batches(cfg, tok, 1000)) and 0 < len(a) < 1000
     rows = [np.concatenate([b["inputs"][r], b["targets"][r, -1:]]) for b in a for r in range(cfg.batch_size)]
@@ -359,7 +359,7 @@ def test_eval_batches_are_fixed_and_cover_validation(synth):
 
 
 def test_python_source_batches_with_real_tokenizer(py_cfg, py_tok):
-    docs = corpus.load_documents(py_cfg, "train")
+    docs = sources.load_documents(py_cfg, "train")
     b = next(pipeline.make_train_iterator(py_cfg, py_tok, seed=0))
     assert b["inputs"].max() < TOK_VOCAB and b["inputs"][0, 0] == BOS
     first = int(grain.MapDataset.range(len(docs)).shuffle(seed=0)[0])
@@ -393,7 +393,7 @@ def test_worker_processes_give_the_same_batches(synth):
 def test_heldout_unigram_entropy_matches_direct_count(synth):
     cfg, _ = synth
     tok = CharTokenizer()
-    tokens = [t for d in corpus.load_documents(cfg, "validation") for t in tok.encode(d) + [EOS]]
+    tokens = [t for d in sources.load_documents(cfg, "validation") for t in tok.encode(d) + [EOS]]
     counts = np.unique(tokens, return_counts=True)[1]
     p = counts / counts.sum()
     assert math.isclose(pipeline.heldout_unigram_entropy(cfg, tok), float(-(p * np.log(p)).sum()))

@@ -6,16 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mixtral_jax.models.dispatch import (
-    Experts,
-    capacity,
-    capacity_size,
-    dense,
-    dropless,
-    expert_choice_dispatch,
-)
-from mixtral_jax.models.grouped import ragged_slot_swiglu
-from mixtral_jax.models.grouped_cpu import (
+from mixtral_jax.kernels.grouped import CPU, RAGGED, ragged_slot_swiglu
+from mixtral_jax.models.dispatch import Experts, capacity, dense, dropless, expert_choice_dispatch
+from mixtral_jax.kernels.grouped_cpu import (
     BATCHED_ROW_COST,
     block_size,
     blocked_slot_swiglu,
@@ -26,8 +19,8 @@ from mixtral_jax.models.grouped_cpu import (
     prefers_fitted,
     _units,
 )
-from mixtral_jax.models.rows import padded_block_count
-from mixtral_jax.models.routing import expert_choice, topk_softmax
+from mixtral_jax.kernels.rows import padded_block_count
+from mixtral_jax.models.routing import capacity_size, expert_choice, topk_softmax
 
 
 def make_inputs(seed, n, d, h, e, case="random"):
@@ -56,10 +49,12 @@ def as_np(experts):
     return [np.asarray(w, np.float64) for w in experts]
 
 
+# Every dispatch path a CPU can run: the grouped SwiGLU of the CPU and of TPUs (ragged_dot).
 PATHS = {
     "dense": dense,
-    "capacity": lambda x, r, ex: capacity(x, r, ex, capacity_factor=float(ex.w_gate.shape[0])),  # C = N
-    "dropless": dropless,
+    "capacity": lambda x, r, ex: capacity(x, r, ex, capacity_factor=float(ex.w_gate.shape[0]), grouped=CPU),  # C = N
+    "dropless": lambda x, r, ex: dropless(x, r, ex, grouped=CPU),
+    "dropless_ragged": lambda x, r, ex: dropless(x, r, ex, grouped=RAGGED),
 }
 
 
@@ -240,7 +235,7 @@ def test_capacity_drops_lowest_weight_slots(factor):
     logits[[9, 12]] = logits[3]  # identical tokens: weight ties
     logits = jnp.asarray(logits)
     routing = jax.jit(topk_softmax, static_argnums=1)(logits, k)
-    y, dropped = jax.jit(lambda x, r, ex: capacity(x, r, ex, capacity_factor=factor))(x, routing, experts)
+    y, dropped = jax.jit(lambda x, r, ex: capacity(x, r, ex, capacity_factor=factor, grouped=CPU))(x, routing, experts)
     cap = capacity_size(n, k, e, factor)
     want, want_dropped = np_capacity_moe(np.asarray(x, np.float64), np.asarray(routing.expert_ids),
                                          np.asarray(routing.weights, np.float64), experts, cap)

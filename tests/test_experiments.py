@@ -104,7 +104,7 @@ def test_unknown_experiment_names_the_closest(capsys):
 def test_full_scale_configs_are_the_published_models():
     from mixtral_jax.config import load_config
     from mixtral_jax.experiments.runner import experiment_config
-    from mixtral_jax.models.transformer import param_counts
+    from mixtral_jax.models.params import param_counts
 
     counts = {m: param_counts(load_config(experiment_config("dense_vs_moe", f"{m}.yaml", full_scale=True)).model)
               for m in ("dense", "moe", "dense_wide")}

@@ -14,11 +14,14 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meshes import mesh_of as _mesh
-from mixtral_jax.models.dispatch import Experts, capacity, dropless
+from mixtral_jax.kernels.grouped import CPU, GroupedSwiGLU
+from mixtral_jax.models.dispatch import Experts, capacity
+from mixtral_jax.models.dispatch import dropless as dropless_with
 from mixtral_jax.models.routing import TokenChoice
 from mixtral_jax.parallel.mesh import BATCH_AXES, traced_under
 
 N, D, H, E, K = 64, 16, 32, 8, 2
+dropless = functools.partial(dropless_with, grouped=CPU)
 MESHES = [dict(fsdp=2, tensor=2, expert=2), dict(data=2, expert=4), dict(expert=8), dict(data=8)]
 
 
@@ -69,7 +72,7 @@ def test_dropless_expert_parallel_equals_single_device(sizes):
 
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_capacity_expert_parallel_drops_the_same_slots(sizes):
-    dispatch = functools.partial(capacity, capacity_factor=0.75)
+    dispatch = functools.partial(capacity, capacity_factor=0.75, grouped=CPU)
     assert _assert_equal_runs(dispatch, sizes) > 0
     assert _assert_equal_runs(dispatch, sizes, seed=1, skew=True) > 0.5
 
@@ -90,13 +93,13 @@ def test_expert_mesh_exchanges_with_all_to_all_and_token_meshes_stay_local():
     assert "all-to-all(" not in data_only and "all-gather(" not in data_only
 
 
-def test_pallas_kernels_under_expert_parallel_equal_single_device(monkeypatch):
+def test_pallas_kernels_under_expert_parallel_equal_single_device():
     """The GPU's grouped-matmul kernels (run here in Pallas' interpret mode) inside the
     expert-parallel shard_map, tokens and weights split over fsdp x tensor x expert: the same
     outputs and gradients as the single-device dispatcher (the CPU layouts)."""
-    from mixtral_jax.models.grouped import pallas_slot_swiglu
-    from mixtral_jax.parallel import expert_parallel
+    from mixtral_jax.kernels.grouped import pallas_slot_swiglu
 
-    monkeypatch.setattr(expert_parallel, "slot_swiglu", lambda *a, padded_buffer: pallas_slot_swiglu(
-        *a, block=16, interpret=True))
-    _assert_equal_runs(dropless, dict(fsdp=2, tensor=2, expert=2), seed=1, skew=True)
+    interpreted = functools.partial(pallas_slot_swiglu, block=16, interpret=True)
+    pallas = GroupedSwiGLU("pallas (interpreted)", tokens=CPU.tokens, buffer=interpreted)
+    _assert_equal_runs(functools.partial(dropless_with, grouped=pallas), dict(fsdp=2, tensor=2, expert=2),
+                       seed=1, skew=True)

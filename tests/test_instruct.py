@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 
 from mixtral_jax.config import DataConfig
-from mixtral_jax.data import corpus, pipeline
+from mixtral_jax.data import pipeline, sources
 from mixtral_jax.data.instruct import chat_prompt_ids, encode_conversation, render_text
 from mixtral_jax.data.tokenizer import Tokenizer, train_tokenizer, unigram_entropy
 
@@ -162,21 +162,21 @@ def test_bad_lines_are_skipped_and_counted(tmp_path, caplog):
     path.write_text("\n".join(lines) + "\n")
     cfg = DataConfig(source=f"instruct:{path}")
     with caplog.at_level(logging.WARNING):
-        train = list(corpus.load_documents(cfg, "train"))
+        train = list(sources.load_documents(cfg, "train"))
     assert f"skipped {len(bad)} unusable line(s); first at {path}:11: invalid JSON" in caplog.text
-    val = list(corpus.load_documents(cfg, "validation"))
+    val = list(sources.load_documents(cfg, "validation"))
     expected = [(("user", f"question {i}?"), ("assistant", f"answer {i}.")) for i in range(30)]
     expected += [(("system", "sys"), ("user", "q"), ("assistant", "a")),
                  (("system", "s"), ("user", "u1"), ("assistant", "a1"), ("user", "u2"), ("assistant", "a2"))]
     assert sorted(train + val) == sorted(expected) and val and train and not set(train) & set(val)
     assert train == [c for c in expected if c in train]  # file order kept
-    assert corpus.source_fingerprint(cfg) == f"instruct:{path}#text"
+    assert sources.source_fingerprint(cfg) == f"instruct:{path}#text"
 
     (tmp_path / "all_bad.jsonl").write_text("\n".join(bad) + "\n")
     with pytest.raises(ValueError, match=r"no usable conversations in .*all_bad\.jsonl .*8 line\(s\)"):
-        corpus.load_documents(DataConfig(source=f"instruct:{tmp_path / 'all_bad.jsonl'}"), "train")
+        sources.load_documents(DataConfig(source=f"instruct:{tmp_path / 'all_bad.jsonl'}"), "train")
     with pytest.raises(ValueError, match="no such file"):
-        corpus.load_documents(DataConfig(source=f"instruct:{tmp_path / 'nope*.jsonl'}"), "train")
+        sources.load_documents(DataConfig(source=f"instruct:{tmp_path / 'nope*.jsonl'}"), "train")
 
 
 # ---------------------------------------------------------------- packing and batching
@@ -268,7 +268,7 @@ def test_packed_batches_count_only_response_tokens(chats, pack):
     cfg, reference = chats
     cfg.pack = pack
     tok, seed, n = CharTokenizer(), 3, 30
-    docs = list(corpus.load_documents(cfg, "train"))
+    docs = list(sources.load_documents(cfg, "train"))
     assert set(docs) <= set(reference)
     batches = [b for b, _ in zip(pipeline.make_train_iterator(cfg, tok, seed=seed), range(n))]
     T, B = cfg.seq_len, cfg.batch_size
@@ -286,7 +286,7 @@ def test_real_tokenizer_row_is_the_encoded_conversation(chats, toks):
     cfg, _ = chats
     cfg.pack, cfg.seq_len = False, 256
     tok = toks["pieces"]
-    docs = corpus.load_documents(cfg, "train")
+    docs = sources.load_documents(cfg, "train")
     b = next(pipeline.make_train_iterator(cfg, tok, seed=0))
     ids, mask = encode_conversation(tok, docs[int(grain.MapDataset.range(len(docs)).shuffle(seed=0)[0])])
     assert len(ids) <= cfg.seq_len
@@ -315,7 +315,7 @@ def test_iterator_resume_gives_the_same_batches(chats, pack, k):
 def test_eval_batches_and_heldout_entropy_use_the_mask(chats):
     cfg, reference = chats
     tok = CharTokenizer()
-    val = list(corpus.load_documents(cfg, "validation"))
+    val = list(sources.load_documents(cfg, "validation"))
     batches = pipeline.make_eval_batches(cfg, tok, 1000)  # more than there is: every row, in order
     rows = [(np.concatenate([b["inputs"][r], b["targets"][r, -1:]]), b["loss_mask"][r])
             for b in batches for r in range(cfg.batch_size)]
@@ -331,7 +331,7 @@ def test_eval_batches_and_heldout_entropy_use_the_mask(chats):
 
 def test_tokenizer_trains_on_conversations(chats):
     cfg, _ = chats
-    docs = corpus.load_documents(cfg, "train")
+    docs = sources.load_documents(cfg, "train")
     tok = train_tokenizer(docs, vocab_size=300, train_bytes=1_000_000, num_threads=1)
     for conv in list(docs)[:10]:
         ids, _ = encode_conversation(tok, conv)

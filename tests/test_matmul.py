@@ -1,13 +1,13 @@
-"""rows_matmul: the projections' matmul with its CPU gradient (models/matmul.py), against numpy."""
+"""rows_matmul: the projections' matmul with its CPU gradient (kernels/matmul.py), against numpy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax.models import matmul
-from mixtral_jax.models.matmul import SAVE_NAME, rows_matmul
-from mixtral_jax.models.transformer import REMAT_POLICIES
+from mixtral_jax.config.choices import REMAT_POLICIES
+from mixtral_jax.kernels.backend import Kernels
+from mixtral_jax.kernels.matmul import SAVE_NAME, rows_matmul
 
 
 def _operands(dtype):
@@ -16,10 +16,11 @@ def _operands(dtype):
     return x, w, g, jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
 
+@pytest.mark.parametrize("custom_gradient", [True, False])
 @pytest.mark.parametrize("dtype,out_dtype,tol", [(jnp.float32, None, 1e-5), (jnp.bfloat16, jnp.float32, 2e-2)])
-def test_value_and_gradients_match_numpy(dtype, out_dtype, tol):
+def test_value_and_gradients_match_numpy(dtype, out_dtype, tol, custom_gradient):
     x, w, g, xj, wj = _operands(dtype)
-    out, vjp = jax.vjp(lambda a, b: rows_matmul(a, b, out_dtype), xj, wj)
+    out, vjp = jax.vjp(lambda a, b: rows_matmul(a, b, out_dtype, custom_gradient=custom_gradient), xj, wj)
     assert out.dtype == (out_dtype or dtype)
     dx, dw = vjp(jnp.asarray(g, out.dtype))
     assert dx.dtype == dtype and dw.dtype == dtype
@@ -30,23 +31,26 @@ def test_value_and_gradients_match_numpy(dtype, out_dtype, tol):
     np.testing.assert_allclose(np.asarray(dw, np.float32), xr.T @ g, rtol=tol, atol=tol)
 
 
-def test_cpu_takes_the_custom_gradient_and_the_switch_turns_it_off(monkeypatch):
+def test_cpu_kernels_take_the_custom_gradient_and_other_backends_do_not():
     _, _, _, x, w = _operands(jnp.float32)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, b: rows_matmul(a, b).sum(), argnums=1))(x, w))
-    assert "optimization_barrier" in jaxpr  # the transposed rows, copied before the weight-gradient dot
-    monkeypatch.setattr(matmul, "CPU_GRADIENT", False)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, b: rows_matmul(a, b).sum(), argnums=1))(x, w))
-    assert "optimization_barrier" not in jaxpr
+
+    def weight_gradient_jaxpr(kernels: Kernels) -> str:
+        return str(jax.make_jaxpr(jax.grad(lambda a, b: kernels.matmul(a, b).sum(), argnums=1))(x, w))
+
+    cpu = Kernels.for_backend("cpu")
+    assert "optimization_barrier" in weight_gradient_jaxpr(cpu)  # the transposed rows, copied first
+    assert "optimization_barrier" not in weight_gradient_jaxpr(cpu.replace(matmul_custom_gradient=False))
+    assert "optimization_barrier" not in weight_gradient_jaxpr(Kernels.for_backend("tpu"))
 
 
 def test_dots_saveable_remat_keeps_the_custom_matmuls_output(capsys):
     _, _, _, x, w = _operands(jnp.float32)
 
     def layer(a, b):
-        return jnp.sum(jnp.tanh(rows_matmul(a, b)))  # tanh's gradient needs the matmul's output
+        return jnp.sum(jnp.tanh(rows_matmul(a, b, custom_gradient=True)))  # tanh's gradient needs the output
 
     def saved(policy: str) -> str:
-        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(layer, policy=REMAT_POLICIES[policy]), x, w)
+        jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(layer, policy=REMAT_POLICIES.get(policy)), x, w)
         return capsys.readouterr().out
 
     assert f"f32[12,7] named '{SAVE_NAME}'" in saved("dots_saveable")

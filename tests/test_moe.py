@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from mixtral_jax.config import load_config
-from mixtral_jax.models.dispatch import DISPATCHERS, Experts, capacity, dense, dropless, expert_choice_dispatch
+from mixtral_jax.kernels.grouped import CPU
+from mixtral_jax.models.dispatch import Experts, capacity, dense, dropless, expert_choice_dispatch
 from mixtral_jax.models.moe import STAT_KEYS, MoEBlock, update_router_biases
 from mixtral_jax.models.routing import (
-    ROUTERS,
     ExpertChoice,
     RouterBias,
     load_balancing_loss,
@@ -131,17 +131,12 @@ def test_dispatchers_under_jit_with_all_slots_on_one_expert():
     routing = topk_softmax(jnp.zeros((n, E)).at[:, 1].set(1.0), 1)._replace(weights=jnp.ones((n, 1)))
     gate, up = x @ ex.w_gate[1], x @ ex.w_up[1]
     want = np.asarray((jax.nn.silu(gate) * up) @ ex.w_down[1])
-    for fn in (dropless, dense, lambda *a: capacity(*a, capacity_factor=4.0)):
+    for fn in (lambda *a: dropless(*a, grouped=CPU), dense, lambda *a: capacity(*a, capacity_factor=4.0, grouped=CPU)):
         y, dropped = jax.jit(fn)(x, routing, ex)
         np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
         assert float(dropped) == 0.0
     table = ExpertChoice(jnp.ones((E, n)).at[jnp.array([0, 2, 3])].set(0.0), jnp.tile(jnp.arange(n), (E, 1)))
     np.testing.assert_allclose(np.asarray(jax.jit(expert_choice_dispatch)(x, table, ex)[0]), want, rtol=1e-5, atol=1e-5)
-
-
-def test_registries():
-    assert set(ROUTERS) == {"topk_softmax", "softmax_topk", "expert_choice"}
-    assert set(DISPATCHERS) == {"dropless", "capacity", "dense"}
 
 
 def test_topk_softmax_hand_values():

@@ -1,4 +1,4 @@
-"""cuDNN's segment layout for packed documents (models/packed_attention.py): the lengths / offsets
+"""cuDNN's segment layout for packed documents (kernels/packed_attention.py): the lengths / offsets
 against a loop over the packer's rows, the attention that layout describes against the model's
 document mask, and which branch the bounds pick. The cuDNN kernel itself needs a Hopper GPU:
 benchmarks/attention.py checks it there against the plain attention in float32."""
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax.models import packed_attention as packed
+from mixtral_jax.kernels import packed_attention as packed
 from mixtral_jax.models.attention import attention_mask
 
 

@@ -4,7 +4,8 @@ import pytest
 from flax import nnx
 
 from mixtral_jax.config import load_config
-from mixtral_jax.models.transformer import Transformer, count_parameters, param_counts
+from mixtral_jax.models.params import count_parameters, param_counts
+from mixtral_jax.models.transformer import Transformer
 
 
 def test_mistral_7b_count():

@@ -1,21 +1,17 @@
-"""Document sources: random-access sequences of text strings, split into train / validation.
+"""Document readers: random-access sequences of text strings, split into train / validation.
 
-`data.source` selects one of:
-  python_source          the Python standard library's own .py files (the embedded corpus),
-                         built once as a tensorflow-datasets dataset in array_record format
-  tfds:NAME[/CONFIG]     any prepared tfds dataset, read with `tfds.data_source`
-  jsonl:PATH             a JSON-lines file or glob; the text is in field `data.text_key`
-  text:DIR               every UTF-8 text file under DIR
-  instruct:PATH          JSON-lines conversations (prompt/response or messages); its documents
-                         are conversations, tuples of (role, content), not strings (instruct.py)
-
-Everything is read through `tfds.data_source` / plain Python, so TensorFlow is never imported.
+- the embedded corpus: the Python standard library's own .py files, built once as a
+  tensorflow-datasets dataset in array_record format (`python_source`);
+- any prepared tfds dataset, read with `tfds.data_source` (`tfds_source`);
+- JSON lines (`read_jsonl`) and directories of text files (`read_text_dir`), split by content
+  (`split_by_content`).
+Which reader a `data.source` value selects is sources.py's registry. Everything is read through
+`tfds.data_source` / plain Python, so TensorFlow is never imported.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import io
@@ -29,8 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mixtral_jax.config import DataConfig
-from mixtral_jax.data import instruct
+from mixtral_jax.data.cache import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +34,6 @@ VALIDATION_PER_10K = 300  # ~3% of documents are held out
 PYTHON_SOURCE_NAME = "mixtral_jax_python_source"
 # The corpus is whatever stdlib this interpreter ships, so its version names the tfds config.
 PYTHON_SOURCE_CONFIG = "py{}_{}_{}".format(*sys.version_info[:3])
-
-
-def cache_dir() -> Path:
-    """Root of everything this package caches (`MIXTRAL_JAX_CACHE`, else ~/.cache/mixtral_jax)."""
-    root = os.environ.get("MIXTRAL_JAX_CACHE") or Path.home() / ".cache" / "mixtral_jax"
-    return Path(root).expanduser()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock so concurrent processes (hosts, test workers) build a cache entry once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def is_validation_key(key: str | bytes) -> bool:
@@ -198,7 +175,7 @@ def build_python_source(data_dir: Path | None = None) -> Path:
     return data_dir
 
 
-def _python_source(split: str) -> Documents:
+def python_source(split: str) -> Documents:
     import tensorflow_datasets as tfds
 
     data_dir = build_python_source()
@@ -220,7 +197,7 @@ def _split_mix(n: int) -> np.ndarray:
     return x % np.uint64(10_000)
 
 
-def _tfds_source(spec: str, text_key: str, split: str) -> Documents:
+def tfds_source(spec: str, text_key: str, split: str) -> Documents:
     import tensorflow_datasets as tfds
 
     try:  # TFDS_DATA_DIR read now: tfds itself only reads it when first imported
@@ -255,7 +232,7 @@ def _tfds_source(spec: str, text_key: str, split: str) -> Documents:
 # ---------------------------------------------------------------- jsonl:PATH and text:DIR
 
 
-def _split_by_content(docs: list, split: str, name: str, keys: list[str] | None = None) -> Documents:
+def split_by_content(docs: list, split: str, name: str, keys: list[str] | None = None) -> Documents:
     """Hash split on document content, or on `keys` (one string per document) for documents
     that are not strings (duplicates land on the same side). With two or more documents each
     side gets at least one, so training and evaluation always have data."""
@@ -271,7 +248,7 @@ def _split_by_content(docs: list, split: str, name: str, keys: list[str] | None 
     return Documents(chosen, name=f"{name}:{split}")
 
 
-def _read_jsonl(pattern: str, text_key: str) -> list[str]:
+def read_jsonl(pattern: str, text_key: str) -> list[str]:
     """The `text_key` strings of every JSON-lines file matching `pattern`. Bad lines (not
     UTF-8, not JSON, no non-empty string field) are skipped and counted in one warning; an error
     names the files when nothing usable remains."""
@@ -322,7 +299,7 @@ def _read_jsonl(pattern: str, text_key: str) -> list[str]:
     return docs
 
 
-def _read_text_dir(root: str) -> list[str]:
+def read_text_dir(root: str) -> list[str]:
     """Every UTF-8 text file under `root`; binary / unreadable ones skipped, counted, warned about."""
     base = Path(os.path.expanduser(root))
     if not base.is_dir():
@@ -358,42 +335,3 @@ def _read_text_dir(root: str) -> list[str]:
         raise ValueError(f"data.source 'text:{root}': no UTF-8 text files found among {files} file(s) "
                          f"({skipped} binary or non-UTF-8, {unreadable} unreadable, {blank} empty)")
     return docs
-
-
-# ---------------------------------------------------------------- entry point
-
-
-def source_fingerprint(cfg: DataConfig) -> str:
-    """A string naming the corpus, stable across working directories (for cache keys)."""
-    kind, _, arg = cfg.source.partition(":")
-    if cfg.source == "python_source":
-        return f"python_source/{PYTHON_SOURCE_CONFIG}"
-    if kind in ("jsonl", "text", "instruct"):
-        return f"{kind}:{os.path.abspath(os.path.expanduser(arg))}#{cfg.text_key}"
-    return f"{cfg.source}#{cfg.text_key}"
-
-
-def load_documents(cfg: DataConfig, split: str) -> Documents:
-    """The documents of `split` ("train" or "validation") of `cfg.source`, random access."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    kind, _, arg = cfg.source.partition(":")
-    if cfg.source == "python_source":
-        return _python_source(split)
-    if kind == "tfds" and arg:
-        return _tfds_source(arg, cfg.text_key, split)
-    if kind == "jsonl" and arg:
-        return _split_by_content(_read_jsonl(arg, cfg.text_key), split, cfg.source)
-    if kind == "text" and arg:
-        return _split_by_content(_read_text_dir(arg), split, cfg.source)
-    if kind == "instruct" and arg:
-        conversations = instruct.read_instruct_jsonl(arg)
-        keys = [instruct.conversation_key(c) for c in conversations]
-        return _split_by_content(conversations, split, cfg.source, keys)
-    raise ValueError(f"data.source '{cfg.source}' must be python_source, tfds:NAME[/CONFIG], "
-                     "jsonl:PATH, text:DIR or instruct:PATH")
-
-
-def document_text(document: instruct.Document) -> str:
-    """A document as text: itself, or a conversation's template text (for tokenizer training)."""
-    return instruct.render_text(document)

@@ -39,7 +39,7 @@ import grain
 import numpy as np
 
 from mixtral_jax.config import DataConfig
-from mixtral_jax.data.corpus import load_documents
+from mixtral_jax.data.sources import load_documents
 from mixtral_jax.data.instruct import Document, encode_document, split_encoded, target_ids
 from mixtral_jax.data.tokenizer import Tokenizer, unigram_entropy
 

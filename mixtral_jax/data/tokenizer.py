@@ -24,7 +24,8 @@ import numpy as np
 import sentencepiece as spm
 
 from mixtral_jax.config import DataConfig
-from mixtral_jax.data import corpus
+from mixtral_jax.data import sources
+from mixtral_jax.data.cache import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def _training_sentences(documents: Sequence[str], max_bytes: int) -> Iterator[st
         chunk: list[str] = []
         size = 0
         # Instruct sources hold conversations: train on their template text.
-        for line in corpus.document_text(documents[int(index)]).splitlines(keepends=True):
+        for line in sources.document_text(documents[int(index)]).splitlines(keepends=True):
             if size + len(line) > SENTENCE_CHARS and chunk:
                 piece = "".join(chunk)
                 total += len(piece.encode("utf-8", "surrogatepass"))
@@ -216,12 +217,12 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, train_bytes: int,
 
 def tokenizer_cache_path(cfg: DataConfig, vocab_size: int) -> Path:
     """Where the tokenizer trained for (source, vocab_size, train_bytes, byte_fallback) lives."""
-    key = json.dumps({"source": corpus.source_fingerprint(cfg), "vocab_size": vocab_size,
+    key = json.dumps({"source": sources.source_fingerprint(cfg), "vocab_size": vocab_size,
                       "train_bytes": cfg.tokenizer.train_bytes,
                       "byte_fallback": cfg.tokenizer.byte_fallback,
                       "trainer": TRAINER_VERSION}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return corpus.cache_dir() / "tokenizers" / f"bpe{vocab_size}-{digest}.model"
+    return cache_dir() / "tokenizers" / f"bpe{vocab_size}-{digest}.model"
 
 
 def load_or_train_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
@@ -234,9 +235,9 @@ def load_or_train_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
         return tok
     path = tokenizer_cache_path(cfg, vocab_size)
     if not path.is_file():
-        with corpus.file_lock(path.with_suffix(".lock")):
+        with file_lock(path.with_suffix(".lock")):
             if not path.is_file():
-                docs = corpus.load_documents(cfg, "train")
+                docs = sources.load_documents(cfg, "train")
                 start = time.perf_counter()
                 tok = train_tokenizer(docs, vocab_size, cfg.tokenizer.train_bytes,
                                       cfg.tokenizer.byte_fallback)

@@ -62,7 +62,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _analytic_table() -> str:
-    from mixtral_jax.models.transformer import param_counts
+    from mixtral_jax.models.params import param_counts
     from mixtral_jax.training import cost
 
     peak, _ = cost.peak_tflops(PLAN["hardware"], None, "bfloat16")

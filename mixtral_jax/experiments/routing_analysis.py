@@ -39,7 +39,7 @@ SNIPPET_LINES, SNIPPET_COLUMNS = 24, 88
 def _documents(cfg, tokenizer, windows: int, seq_len: int):
     """Held-out sources that Python's tokenizer accepts, cut into windows of seq_len tokens:
     (token ids [W, T], token kinds [W, T], (text, spans) of each window)."""
-    from mixtral_jax.data.corpus import load_documents
+    from mixtral_jax.data.sources import load_documents
 
     ids_out, kinds_out, texts = [], [], []
     for text in load_documents(cfg.data, "validation"):

@@ -29,7 +29,8 @@ from safetensors import safe_open
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
-from mixtral_jax.config import DTYPES, ModelConfig, MoEConfig
+from mixtral_jax.config import ModelConfig, MoEConfig
+from mixtral_jax.config.choices import DTYPES
 from mixtral_jax.models.routing import RouterBias
 from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.rules import state_shardings
@@ -89,7 +90,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         head_dim = dim // heads
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
-        raise ValueError(f"HF config field 'dtype': '{dtype}' is not supported (one of {', '.join(DTYPES)})")
+        raise ValueError(f"HF config field 'dtype': '{dtype}' is not supported (one of {', '.join(DTYPES.names)})")
 
     moe = MoEConfig(num_experts=0, z_loss_coef=0.0)
     if model_type == "mixtral":
@@ -113,7 +114,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF config.json dict for cfg; ValueError (naming our key) if HF cannot run it exactly."""
     moe = cfg.moe
-    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.n_heads
+    head_dim = cfg.head_dim
     out: dict[str, Any] = {
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": head_dim,
@@ -151,7 +152,7 @@ def _layer_getters(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[
     [E, 2I, dim] (gate rows first) and `down_proj` [E, dim, I].
     """
     d, h, kv, i = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim
-    hd = cfg.head_dim if cfg.head_dim is not None else d // h
+    hd = cfg.head_dim
     a = "model.layers.{}.self_attn."
     g: dict[tuple[str, ...], Getter] = {
         ("blocks", "attn", "wq"): lambda t, l: t[a.format(l) + "q_proj.weight"].T.reshape(d, h, hd),

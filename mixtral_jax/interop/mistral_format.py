@@ -125,7 +125,7 @@ def _mapping(cfg: ModelConfig, names: set[str]) -> dict[str, _Entry]:
     i.e. transposed relative to a Linear weight), which HF's own converter slices per expert.
     """
     d, h, kv, i = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim
-    hd = cfg.head_dim if cfg.head_dim is not None else d // h
+    hd = cfg.head_dim
     m: dict[str, _Entry] = {
         "model.embed_tokens.weight": ("tok_embeddings.weight", (cfg.vocab_size, d), _same),
         "model.norm.weight": ("norm.weight", (d,), _same),

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
+from mixtral_jax.config.choices import ATTENTION_IMPLS
+from mixtral_jax.kernels import packed_attention as packed
+from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.models.layers import INIT_STD, apply_rope, as_dtype, make_param
-from mixtral_jax.models import packed_attention as packed
-from mixtral_jax.models.matmul import rows_matmul
 
 # Large finite negative rather than -inf: a fully masked row then gives a uniform softmax
 # instead of NaNs (cannot happen with causal masks, since a token always sees itself).
@@ -39,11 +40,6 @@ class KVCache:
     def empty(cls, batch: int, slots: int, n_kv_heads: int, head_dim: int, dtype: jnp.dtype) -> "KVCache":
         shape = (batch, slots, n_kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32))
-
-
-def head_dim_of(cfg: ModelConfig) -> int:
-    """cfg.head_dim, or dim // n_heads when the config leaves it null."""
-    return cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.n_heads
 
 
 def attention_mask(
@@ -87,30 +83,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, kv, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
-def library_implementation(q: jax.Array) -> str | None:
-    """Which library kernel `jax.nn.dot_product_attention` should run, decided at trace time;
-    None where there is none, and the model then runs `dot_product_attention`.
+def library_implementation(q: jax.Array, kernels: Kernels) -> str | None:
+    """Which library kernel `jax.nn.dot_product_attention` should run for q; None where there is
+    none, and the model then runs `dot_product_attention`.
 
-    jax's default (None) is XLA's composition on every backend, which materialises the scores
-    like our path, in a layout XLA:CPU runs slower; cuDNN's flash kernel must be asked for by
-    name. It takes 16-bit inputs with a head dim that is a multiple of 8 up to 128 (the sizes it
-    supports on every NVIDIA architecture), so float32 runs and other head dims stay on ours."""
+    jax's default is XLA's composition on every backend, which materialises the scores like our
+    path, in a layout XLA:CPU runs slower; cuDNN's flash kernel must be asked for by name. It
+    takes 16-bit inputs with a head dim that is a multiple of 8 up to 128 (the sizes it supports
+    on every NVIDIA architecture), so float32 runs and other head dims stay on ours."""
+    if kernels.attention_library != "cudnn":
+        return kernels.attention_library
     head_dim = q.shape[-1]
-    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128):
+    if q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
     return None
 
 
 def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                      window: int | None) -> jax.Array:
-    """The same attention through `jax.nn.dot_product_attention` (the kernel `library_implementation`
-    names; XLA's composition where it names none): causality and the window as the kernel's own
+                      window: int | None, implementation: str, segment_bounds: tuple[int, ...] = ()) -> jax.Array:
+    """The same attention through `jax.nn.dot_product_attention` with the kernel `implementation`
+    ("cudnn", or "xla" for XLA's composition): causality and the window as the kernel's own
     is_causal / local_window_size (what cuDNN's flash kernel skips blocks by), packed documents as
-    a boolean mask (cuDNN adds it as a bias), or where cuDNN has it (Hopper on), as its segment
-    layout (`packed_attention`). Row index order equals position order within a document, so
-    this is the mask `attention_mask` builds from positions."""
-    implementation = library_implementation(q)
+    a boolean mask (cuDNN adds it as a bias), or with cuDNN and `segment_bounds` (Hopper on), as
+    its segment layout (`packed_attention`). Row index order equals position order within a
+    document, so this is the mask `attention_mask` builds from positions."""
     window_size = None if window is None else (window - 1, 0)
 
     def masked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -118,20 +114,38 @@ def library_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
         return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=True,
                                             local_window_size=window_size, implementation=implementation)
 
-    if implementation == "cudnn" and packed.supported():
-        return packed.packed_or_masked(q, k, v, segment_ids, window, masked)
+    if implementation == "cudnn" and segment_bounds:
+        return packed.packed_or_masked(q, k, v, segment_ids, window, masked, segment_bounds)
     return masked(q, k, v)
+
+
+@ATTENTION_IMPLS.register("plain")
+def plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                    window: int | None, kernels: Kernels) -> jax.Array:
+    """Our einsum attention over the mask of positions, documents and window."""
+    return dot_product_attention(q, k, v, attention_mask(positions, positions, segment_ids, segment_ids, window))
+
+
+@ATTENTION_IMPLS.register("dot_product")
+def library_or_plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                               segment_ids: jax.Array, window: int | None, kernels: Kernels) -> jax.Array:
+    """The library kernel where `library_implementation` names one, else `plain_attention`."""
+    implementation = library_implementation(q, kernels)
+    if implementation is None:
+        return plain_attention(q, k, v, positions, segment_ids, window, kernels)
+    return library_attention(q, k, v, positions, segment_ids, window, implementation, kernels.segment_bounds)
 
 
 class Attention(nnx.Module):
     """GQA self-attention. Weights: wq [dim, H, Dh], wk/wv [dim, KV, Dh], wo [H, Dh, dim]."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
+        self.kernels = kernels or Kernels.for_backend()
+        self.attend = ATTENTION_IMPLS.get(cfg.attention_impl)
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
-        self.head_dim = head_dim_of(cfg)
+        self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.window = cfg.sliding_window
-        self.use_library = cfg.attention_impl == "dot_product"
         self.dtype = as_dtype(cfg.dtype)
         pdt = as_dtype(cfg.param_dtype)
         out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)  # residual-branch scaling (GPT-2)
@@ -149,7 +163,8 @@ class Attention(nnx.Module):
 
         def project(w: nnx.Param) -> jax.Array:
             _, heads, head_dim = w.shape
-            return rows_matmul(rows, w[...].astype(dt).reshape(d, heads * head_dim)).reshape(b, t, heads, head_dim)
+            return self.kernels.matmul(rows, w[...].astype(dt).reshape(d, heads * head_dim)).reshape(
+                b, t, heads, head_dim)
 
         q, k, v = project(self.wq), project(self.wk), project(self.wv)
         return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
@@ -157,18 +172,13 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """x [B, T, dim], positions / segment_ids [B, T] int -> [B, T, dim] in the compute dtype."""
         q, k, v = self._project(x, positions)
-        if self.use_library and library_implementation(q) is not None:
-            out = library_attention(q, k, v, positions, segment_ids, self.window)
-        else:
-            mask = attention_mask(positions, positions, segment_ids, segment_ids, self.window)
-            out = dot_product_attention(q, k, v, mask)
-        return self._output(out)
+        return self._output(self.attend(q, k, v, positions, segment_ids, self.window, self.kernels))
 
     def _output(self, out: jax.Array) -> jax.Array:
         """[B, T, H, Dh] -> [B, T, dim] through wo, as one 2-D matmul."""
         b, t, h, hd = out.shape
         wo = self.wo[...].astype(self.dtype).reshape(h * hd, -1)
-        return rows_matmul(out.astype(self.dtype).reshape(b * t, h * hd), wo).reshape(b, t, -1)
+        return self.kernels.matmul(out.astype(self.dtype).reshape(b * t, h * hd), wo).reshape(b, t, -1)
 
     def decode(self, x: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """A chunk of new tokens x [B, T, dim] at absolute positions [B, T] (increasing, after every

@@ -7,27 +7,30 @@ weight * expert_e(x[n]). Matmuls run in x's dtype (the caller casts x and the ex
 the weighted combination is accumulated in float32.
 
 - `dense`: every expert on every token, combined with the [N, E] matrix: the reference (any router).
-- `capacity`: GShard fixed capacity per expert, overflow dropped by router score (`capacity_size`).
-- `dropless`: sort by expert, grouped matmuls; nothing dropped (`grouped.slot_swiglu`).
+- `capacity`: GShard fixed capacity per expert, overflow dropped by router score
+  (`routing.capacity_size`).
+- `dropless`: sort by expert, grouped matmuls; nothing dropped (`Kernels.grouped`).
 `capacity` and `dropless` run under shard_map (all-to-all over the `expert` axis,
 `parallel/expert_parallel.py`) when traced under a mesh.
 - `expert_choice_dispatch`: for the expert-choice router, whose [E, C] table is already the layout.
-`DISPATCHERS` maps `model.moe.dispatch` to a builder `(MoEConfig) -> dispatcher`.
+Each registers a builder `(MoEConfig, Kernels) -> dispatcher` under its `model.moe.dispatch`
+name in the DISPATCHERS registry (config/choices.py).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mixtral_jax.config import MoEConfig
-from mixtral_jax.models import grouped
-from mixtral_jax.models.grouped import combine_slots, slot_swiglu, take_rows
-from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice
+from mixtral_jax.config.choices import DISPATCHERS
+from mixtral_jax.kernels.backend import Kernels
+from mixtral_jax.kernels.grouped import GroupedSwiGLU, batched_swiglu as stacked_swiglu
+from mixtral_jax.kernels.rows import combine_slots, take_rows
+from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice, capacity_size
 from mixtral_jax.parallel.expert_parallel import dispatch_mesh, expert_parallel_swiglu
 
 
@@ -43,7 +46,7 @@ _ZERO = 0.0  # dropped_fraction of the dispatchers that never drop
 
 def batched_swiglu(xs: jax.Array, experts: Experts) -> jax.Array:
     """xs [E, C, D] -> [E, C, D]: expert e applied to its C rows (one batched matmul per weight)."""
-    return grouped.batched_swiglu(xs, *experts)
+    return stacked_swiglu(xs, *experts)
 
 
 def dense(x: jax.Array, routing: Routing, experts: Experts) -> tuple[jax.Array, jax.Array]:
@@ -56,16 +59,6 @@ def dense(x: jax.Array, routing: Routing, experts: Experts) -> tuple[jax.Array, 
     out = batched_swiglu(jnp.broadcast_to(x, (num_experts, *x.shape)), experts)  # [E, N, D]
     y = jnp.einsum("end,ne->nd", out.astype(jnp.float32), combine)
     return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
-
-
-def capacity_size(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """GShard capacity C = ceil(k * N / E * capacity_factor), at least 1, at most N.
-
-    At most N because top-k ids are distinct per token, so no expert can get more than N slots.
-    round(., 9) keeps float noise (1.1 * 10 = 11.000000000000002) from adding a slot.
-    """
-    raw = top_k * num_tokens / num_experts * capacity_factor
-    return max(1, min(num_tokens, math.ceil(round(raw, 9))))
 
 
 def _capacity_priority(routing: TokenChoice, num_experts: int):
@@ -83,7 +76,7 @@ def _capacity_priority(routing: TokenChoice, num_experts: int):
 
 
 def capacity(
-    x: jax.Array, routing: TokenChoice, experts: Experts, *, capacity_factor: float
+    x: jax.Array, routing: TokenChoice, experts: Experts, *, capacity_factor: float, grouped: GroupedSwiGLU
 ) -> tuple[jax.Array, jax.Array]:
     """Fixed capacity C per expert; each expert keeps its C highest-weight slots.
 
@@ -92,8 +85,8 @@ def capacity(
     nothing: a token losing all its slots passes through the residual unchanged, one losing one of
     two keeps the other's weighted output, not renormalised. Returns the fraction of the N * k
     slots dropped. Cost: one sort of N * k keys, row gathers in and out, batched [E, C, D] matmuls.
-    Under a mesh the same keep decision (taken over the global batch) feeds
-    the expert-parallel exchange.
+    Under a mesh the same keep decision (taken over the global batch) feeds the expert-parallel
+    exchange, whose devices run `grouped.buffer` over what they receive.
     """
     n, k = routing.expert_ids.shape
     num_experts = experts.w_gate.shape[0]
@@ -105,7 +98,7 @@ def capacity(
     if mesh is not None:
         keep = jnp.zeros((n * k,), bool).at[order].set(kept, unique_indices=True).reshape(n, k)
         y = expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts,
-                                   max_rows_per_expert=cap)
+                                   grouped=grouped.buffer, max_rows_per_expert=cap)
         return y, dropped
     dest = jnp.where(kept, sorted_ids * cap + rank, num_experts * cap)  # out of range = dropped
     slot_dest = jnp.zeros_like(dest).at[order].set(dest, unique_indices=True)  # per flat slot
@@ -119,8 +112,9 @@ def capacity(
     return y.astype(x.dtype), dropped
 
 
-def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.Array, jax.Array]:
-    """Sort the N * k (token, expert) slots by expert once and run grouped matmuls.
+def dropless(x: jax.Array, routing: TokenChoice, experts: Experts, *,
+             grouped: GroupedSwiGLU) -> tuple[jax.Array, jax.Array]:
+    """Sort the N * k (token, expert) slots by expert once and run grouped matmuls (`grouped`).
 
     Work is proportional to N * k (no expert sees a token not routed to it) and no token is ever
     dropped, whatever the imbalance: group sizes are data-dependent but the total is static.
@@ -128,9 +122,9 @@ def dropless(x: jax.Array, routing: TokenChoice, experts: Experts) -> tuple[jax.
     mesh = dispatch_mesh(*x.shape[:1], experts.w_gate.shape[0])
     if mesh is not None:
         keep = jnp.ones(routing.expert_ids.shape, bool)
-        return expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts), \
-            jnp.asarray(_ZERO, jnp.float32)
-    y = combine_slots(slot_swiglu(x, routing.expert_ids, *experts), routing.weights)
+        return expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts,
+                                      grouped=grouped.buffer), jnp.asarray(_ZERO, jnp.float32)
+    y = combine_slots(grouped.tokens(x, routing.expert_ids, *experts), routing.weights)
     return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
 
 
@@ -149,10 +143,10 @@ def expert_choice_dispatch(
     return y.astype(x.dtype), jnp.mean(picks == 0).astype(jnp.float32)
 
 
-# name -> builder from the config. Token-choice routers use these; the expert-choice router is
-# paired with `expert_choice_dispatch` (or `dense`) by MoEBlock.
-DISPATCHERS: dict[str, Callable[[MoEConfig], Dispatcher]] = {
-    "dense": lambda moe: dense,
-    "capacity": lambda moe: functools.partial(capacity, capacity_factor=moe.capacity_factor),
-    "dropless": lambda moe: dropless,
-}
+# name -> builder from the config and the kernels. Token-choice routers use these; the
+# expert-choice router is paired with `expert_choice_dispatch` (or `dense`) by MoEBlock.
+DispatcherBuilder = Callable[[MoEConfig, Kernels], Dispatcher]
+DISPATCHERS.register("dense", lambda moe, kernels: dense)
+DISPATCHERS.register("capacity", lambda moe, kernels: functools.partial(
+    capacity, capacity_factor=moe.capacity_factor, grouped=kernels.grouped))
+DISPATCHERS.register("dropless", lambda moe, kernels: functools.partial(dropless, grouped=kernels.grouped))

@@ -17,20 +17,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.models.matmul import rows_matmul
+from mixtral_jax.config.choices import DTYPES
+from mixtral_jax.kernels.backend import Kernels
 
-DTYPES: dict[str, jnp.dtype] = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
+DTYPES.register("float32", jnp.float32)
+DTYPES.register("bfloat16", jnp.bfloat16)
+DTYPES.register("float16", jnp.float16)
 
 INIT_STD = 0.02
 
 
 def as_dtype(name: str | jnp.dtype) -> jnp.dtype:
     """A config dtype name ("bfloat16") or dtype -> a jnp dtype."""
-    return DTYPES[name] if isinstance(name, str) else name
+    return DTYPES.get(name) if isinstance(name, str) else name
 
 
 def make_param(
@@ -96,8 +95,10 @@ class MLP(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         out_std: float = INIT_STD,
+        kernels: Kernels | None = None,
         rngs: nnx.Rngs,
     ):
+        self.kernels = kernels or Kernels.for_backend()
         self.dtype = as_dtype(dtype)
         pdt = as_dtype(param_dtype)
         self.w_gate = make_param(rngs, (dim, hidden_dim), ("embed", "mlp"), pdt)
@@ -109,7 +110,8 @@ class MLP(nnx.Module):
         # Token rows flattened to one matrix axis: on [B, T, D] the CPU compiler fused silu's
         # backward with a transposed copy of the activations (measured ~15% of a dense step).
         rows = x.reshape(-1, x.shape[-1]).astype(dt)
-        gate = rows_matmul(rows, self.w_gate[...].astype(dt))
-        up = rows_matmul(rows, self.w_up[...].astype(dt))
-        out = rows_matmul(jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+        matmul = self.kernels.matmul
+        gate = matmul(rows, self.w_gate[...].astype(dt))
+        up = matmul(rows, self.w_up[...].astype(dt))
+        out = matmul(jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -1,7 +1,8 @@
 """Sparse mixture-of-experts feed-forward block: router + stacked SwiGLU experts.
 
 Strategies (router, dispatcher, aux-loss grouping) are looked up once, in MoEBlock.__init__,
-from the registries in routing.py and dispatch.py; __call__ only calls them.
+from the registries of config/choices.py (implemented in routing.py and dispatch.py); __call__
+only calls them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.models.dispatch import DISPATCHERS, Experts, dense, expert_choice_dispatch
+from mixtral_jax.config.choices import AUX_LOSS_SCOPES, DISPATCHERS, ROUTERS
+from mixtral_jax.kernels.backend import Kernels
+from mixtral_jax.models.dispatch import Experts, dense, expert_choice_dispatch
 from mixtral_jax.models.layers import INIT_STD, as_dtype, make_param
-from mixtral_jax.models.matmul import rows_matmul
 from mixtral_jax.models.routing import (
-    AUX_SCOPES,
-    ROUTERS,
     RouterBias,
     TokenChoice,
     jitter,
@@ -50,20 +50,20 @@ class MoEBlock(nnx.Module):
     uniform by construction, so the batch-scope loss is 1 with zero gradient.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
         moe = cfg.moe
-        if moe.router not in ROUTERS or moe.dispatch not in DISPATCHERS:
-            raise ValueError(f"unknown model.moe.router '{moe.router}' or model.moe.dispatch '{moe.dispatch}'")
+        kernels = kernels or Kernels.for_backend()
         if moe.router == "expert_choice" and moe.bias_update_rate > 0:
             raise ValueError("model.moe.bias_update_rate > 0 needs a token-choice router: expert_choice "
                              "is balanced by construction and has no top-k selection to bias")
         # The only place strategies are chosen; __call__ just uses these.
-        self.route = ROUTERS[moe.router](moe)
+        self.route = ROUTERS.get(moe.router)(moe)
         if moe.router == "expert_choice":
             self.dispatch = dense if moe.dispatch == "dense" else expert_choice_dispatch
         else:
-            self.dispatch = DISPATCHERS[moe.dispatch](moe)
-        self.aux_groups = AUX_SCOPES[moe.aux_loss_scope]
+            self.dispatch = DISPATCHERS.get(moe.dispatch)(moe, kernels)
+        self.aux_groups = AUX_LOSS_SCOPES.get(moe.aux_loss_scope)
+        self.matmul = kernels.matmul
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
         self.jitter = moe.jitter
@@ -92,7 +92,7 @@ class MoEBlock(nnx.Module):
         if router_rng is not None and self.jitter > 0:
             router_in = jitter(tokens, router_rng, self.jitter)
         rdt = self.router_dtype
-        logits = rows_matmul(router_in.astype(rdt), self.router[...].astype(rdt)).astype(jnp.float32)
+        logits = self.matmul(router_in.astype(rdt), self.router[...].astype(rdt)).astype(jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1)
         bias = self.router_bias[...] if self.router_bias is not None else None
         routing = self.route(logits, bias)

@@ -6,7 +6,8 @@ A router maps float32 logits [N, E] (N = batch * seq tokens) to a routing decisi
 - expert choice (`ExpertChoice`): each expert picks C tokens -> gates [E, C], token_idx [E, C].
 Both expose `to_dense(N, E)`, the [N, E] combine matrix, which the dense reference dispatcher
 and the statistics use, so nothing downstream needs to know which kind it got.
-`ROUTERS` maps the `model.moe.router` name to a builder `(MoEConfig) -> router(logits, bias)`.
+Each router registers a builder `(MoEConfig) -> router(logits, bias)` under its
+`model.moe.router` name in the ROUTERS registry (config/choices.py).
 
 Ties: `lax.top_k` returns the lowest index first among equal values, so a tie between experts
 goes to the lowest expert id (token choice) and a tie between tokens to the lowest token index
@@ -18,8 +19,8 @@ Load-balancing loss: the value each framework reports at perfect balance
   mean full-softmax probability of expert i. 1.0 at perfect balance for every k. The Transformer
   reports the mean over layers, so also 1.0. `aux_loss_scope: sequence` computes f and P per
   batch row and averages the per-row losses: also 1.0 at balance.
-- Hugging Face transformers 5.24.0, `load_balancing_loss_func` in models/mixtral/modeling_mixtral.py
-  (read and run for this note): sums the top-k assignment counts and the softmax probabilities over
+- Hugging Face transformers 5.24.0, `load_balancing_loss_func` in models/mixtral/modeling_mixtral.py:
+  sums the top-k assignment counts and the softmax probabilities over
   ALL layers (equivalent to concatenating every layer's [B*T, E] logits), divides both by
   layers * tokens, returns E * sum_i f_i * P_i where this f sums to k. At perfect balance it is
   top_k (2.0 for Mixtral), and for a single layer exactly top_k times our value. Across layers it
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import MoEConfig
+from mixtral_jax.config.choices import AUX_LOSS_SCOPES, ROUTERS
 
 
 class RouterBias(nnx.Variable):
@@ -104,14 +106,21 @@ def softmax_topk(
     return TokenChoice(weights, ids)
 
 
-def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
-    """C = ceil(N * capacity_factor / E), at least 1 and at most N.
+def capacity_size(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """GShard capacity C = ceil(k * N / E * capacity_factor), at least 1, at most N.
 
-    capacity_factor is the average number of experts per token (Zhou et al.'s c); set it to top_k
-    for the compute of top-k token choice. round(., 9) keeps float noise (1.1 * 10 =
-    11.000000000000002) from adding a slot.
+    At most N because top-k ids are distinct per token, so no expert can get more than N slots.
+    round(., 9) keeps float noise (1.1 * 10 = 11.000000000000002) from adding a slot.
     """
-    return max(1, min(num_tokens, math.ceil(round(num_tokens * capacity_factor / num_experts, 9))))
+    raw = top_k * num_tokens / num_experts * capacity_factor
+    return max(1, min(num_tokens, math.ceil(round(raw, 9))))
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """C = ceil(N * capacity_factor / E): `capacity_size` with one slot per token, since
+    capacity_factor is the average number of experts per token (Zhou et al.'s c); set it to
+    top_k for the compute of top-k token choice."""
+    return capacity_size(num_tokens, 1, num_experts, capacity_factor)
 
 
 def expert_choice(logits: jax.Array, capacity_factor: float) -> ExpertChoice:
@@ -144,11 +153,9 @@ def _expert_choice(moe: MoEConfig) -> Router:
 
 
 # name -> builder from the config; the builder's result is called as router(logits, bias).
-ROUTERS: dict[str, Callable[[MoEConfig], Router]] = {
-    "topk_softmax": _token_choice(topk_softmax),
-    "softmax_topk": _token_choice(softmax_topk, "renormalize"),
-    "expert_choice": _expert_choice,
-}
+ROUTERS.register("topk_softmax", _token_choice(topk_softmax))
+ROUTERS.register("softmax_topk", _token_choice(softmax_topk, "renormalize"))
+ROUTERS.register("expert_choice", _expert_choice)
 
 
 def jitter(x: jax.Array, key: jax.Array, amount: float) -> jax.Array:
@@ -160,10 +167,8 @@ def jitter(x: jax.Array, key: jax.Array, amount: float) -> jax.Array:
 # ---------------------------------------------------------------- losses and statistics
 
 # aux_loss_scope -> how the [B, T] tokens are grouped for f and P: (groups, tokens per group).
-AUX_SCOPES: dict[str, Callable[[int, int], tuple[int, int]]] = {
-    "batch": lambda b, t: (1, b * t),  # Switch / GShard: one f, P over the global batch
-    "sequence": lambda b, t: (b, t),  # per batch row, losses averaged
-}
+AUX_LOSS_SCOPES.register("batch", lambda b, t: (1, b * t))  # Switch / GShard: one f, P over the global batch
+AUX_LOSS_SCOPES.register("sequence", lambda b, t: (b, t))  # per batch row, losses averaged
 
 
 def load_balancing_loss(probs: jax.Array, assigned: jax.Array) -> jax.Array:

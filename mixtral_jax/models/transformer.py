@@ -3,17 +3,19 @@ a KV-cached decode path for generation, and parameter counting without allocatio
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.models.attention import Attention, KVCache, head_dim_of
-from mixtral_jax.models.grouped_pallas import SAVE_NAME as GROUPED_MATMUL
+from mixtral_jax.config.choices import REMAT_POLICIES
+from mixtral_jax.kernels.backend import Kernels
+from mixtral_jax.kernels.grouped_pallas import SAVE_NAME as GROUPED_MATMUL
+from mixtral_jax.kernels.matmul import SAVE_NAME as ROWS_MATMUL
+from mixtral_jax.models.attention import Attention, KVCache
 from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
-from mixtral_jax.models.matmul import SAVE_NAME as ROWS_MATMUL, rows_matmul
 from mixtral_jax.models.moe import MoEBlock
 from mixtral_jax.parallel.rules import constrain
 
@@ -23,30 +25,31 @@ RESIDUAL = ("batch", None, None)  # the residual stream's layout: rows split, mo
 # named "layers" in its logical sharding (added on creation, stripped inside the scan body).
 _LAYER_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
 
-REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    "full": None,  # save nothing, recompute the whole layer in the backward pass
-    # keep matmul outputs, the GPU grouped-matmul kernels' and the CPU custom-gradient matmuls'
-    # included (a custom call or custom gradient hides its dot from dots_saveable)
-    "dots_saveable": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_saveable,
-        jax.checkpoint_policies.save_only_these_names(GROUPED_MATMUL, ROWS_MATMUL)),
-}
+# name -> jax.checkpoint policy; "none" skips remat altogether.
+REMAT_POLICIES.register("none", None)
+REMAT_POLICIES.register("full", None)  # save nothing, recompute the whole layer in the backward pass
+# keep matmul outputs, the GPU grouped-matmul kernels' and the CPU custom-gradient matmuls'
+# included (a custom call or custom gradient hides its dot from dots_saveable)
+REMAT_POLICIES.register("dots_saveable", jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_saveable,
+    jax.checkpoint_policies.save_only_these_names(GROUPED_MATMUL, ROWS_MATMUL)))
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)); ffn = MLP or MoEBlock."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, kernels: Kernels, rngs: nnx.Rngs):
         pdt = as_dtype(cfg.param_dtype)
         self.is_moe = cfg.is_moe
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, kernels=kernels, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
         if cfg.is_moe:
-            self.ffn = MoEBlock(cfg, rngs=rngs)
+            self.ffn = MoEBlock(cfg, kernels=kernels, rngs=rngs)
         else:
             out_std = INIT_STD / (2 * cfg.n_layers) ** 0.5
-            self.ffn = MLP(cfg.dim, cfg.hidden_dim, dtype=cfg.dtype, param_dtype=pdt, out_std=out_std, rngs=rngs)
+            self.ffn = MLP(cfg.dim, cfg.hidden_dim, dtype=cfg.dtype, param_dtype=pdt, out_std=out_std,
+                           kernels=kernels, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, router_rng: jax.Array | None = None,
@@ -90,9 +93,12 @@ class Transformer(nnx.Module):
     (not the Params) holds blocks/ffn/router_bias, a RouterBias [n_layers, E].
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        if cfg.remat not in ("none", *REMAT_POLICIES):
-            raise ValueError(f"model.remat '{cfg.remat}' is not one of none, {', '.join(REMAT_POLICIES)}")
+    def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
+        """kernels: the backend-specific compute every layer runs; default
+        `Kernels.for_backend()`, the measured-fastest for jax's default backend."""
+        kernels = kernels or Kernels.for_backend()
+        self.kernels = kernels
+        self.remat_policy = REMAT_POLICIES.get(cfg.remat)
         # Keep scalars, not the (unhashable) config dataclass: module statics go in the graphdef.
         self.is_moe = cfg.is_moe
         self.n_layers = cfg.n_layers
@@ -100,7 +106,7 @@ class Transformer(nnx.Module):
         self.sliding_window = cfg.sliding_window
         self.max_seq_len = cfg.max_seq_len
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = head_dim_of(cfg)
+        self.head_dim = cfg.head_dim
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
         self.scan_unroll = min(cfg.scan_unroll, cfg.n_layers)
@@ -112,7 +118,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYER_METADATA)
         def make_blocks(layer_rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=layer_rngs)
+            return Block(cfg, kernels=kernels, rngs=layer_rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
@@ -152,7 +158,7 @@ class Transformer(nnx.Module):
 
         if self.remat != "none":
             # Checkpoint each layer inside the scan; prevent_cse is unnecessary under scan.
-            layer = nnx.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+            layer = nnx.remat(layer, policy=self.remat_policy, prevent_cse=False)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata=_LAYER_METADATA, unroll=self.scan_unroll)
@@ -181,7 +187,7 @@ class Transformer(nnx.Module):
         b, t, d = x.shape
         rows = x.reshape(b * t, d).astype(dt)  # one 2-D matmul (the CPU compiler's fastest form)
         weight = self.embed[...].T if self.tie_embeddings else self.lm_head[...]  # [dim, vocab]
-        logits = rows_matmul(rows, weight.astype(dt), out_dtype=jnp.float32)
+        logits = self.kernels.matmul(rows, weight.astype(dt), out_dtype=jnp.float32)
         return constrain(logits.reshape(b, t, -1), ("batch", None, "vocab"))
 
     def cache_slots(self, max_len: int) -> int:
@@ -209,56 +215,3 @@ class Transformer(nnx.Module):
 
         x, cache = run_layers(x, self.blocks, positions, cache)
         return self._head(x).astype(jnp.float32), cache
-
-
-# ---------------------------------------------------------------- parameter counting
-
-
-def _component(path: tuple[Any, ...], is_moe: bool) -> str:
-    """Which reported component a parameter (by its state path) belongs to."""
-    names = [str(p) for p in path]
-    if names[0] == "embed":
-        return "embedding"
-    if names[0] == "lm_head":
-        return "lm_head"
-    if any(n.endswith("norm") for n in names):
-        return "norms"
-    if "attn" in names:
-        return "attention"
-    if "router" in names:
-        return "router"
-    if "ffn" in names:
-        return "experts" if is_moe else "mlp"
-    raise ValueError(f"unaccounted parameter {'/'.join(names)}")
-
-
-def _count_by_component(model: Transformer, is_moe: bool) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = _component(path, is_moe)
-        size = 1
-        for dim in var.shape:
-            size *= int(dim)
-        counts[name] = counts.get(name, 0) + size
-    return counts
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Per-component parameter counts plus `total` and `active` (per token), without allocating.
-
-    active = total - (E - k) / E * expert parameters: the router and both embeddings count
-    as active (the Mixtral paper's 12.9B convention).
-    """
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    counts = _count_by_component(abstract, cfg.is_moe)
-    total = sum(counts.values())
-    inactive = 0
-    if cfg.is_moe:
-        e, k = cfg.moe.num_experts, cfg.moe.top_k
-        inactive = counts["experts"] * (e - k) // e  # exact: every expert has the same size
-    return {**counts, "total": total, "active": total - inactive}
-
-
-def count_parameters(model: nnx.Module) -> int:
-    """Number of scalar parameters (nnx.Param leaves) of an instantiated model."""
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

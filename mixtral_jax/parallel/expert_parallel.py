@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mixtral_jax.models.grouped import combine_slots, slot_swiglu, take_rows
+from mixtral_jax.kernels.grouped import SlotSwiGLU
+from mixtral_jax.kernels.rows import combine_slots, take_rows
 from mixtral_jax.parallel.mesh import BATCH_AXES
 
 EXPERT_AXIS = "expert"
@@ -87,8 +88,8 @@ def _exchange_plan(expert_ids: jax.Array, keep: jax.Array, experts_per_device: i
     return place, slot_of_row, local_id
 
 
-def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_per_device: int,
-                   split_hidden: bool, split_embed: bool):
+def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, grouped: SlotSwiGLU,
+                   rows_per_device: int, split_hidden: bool, split_embed: bool):
     """The shard_map body: one device's tokens out to the expert owners and back."""
     n, k = expert_ids.shape
     num_devices = jax.lax.axis_size(EXPERT_AXIS)
@@ -103,7 +104,7 @@ def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_p
         # layer's gradients, so the stacked gradients leave split over fsdp
         w_gate, w_up = (jax.lax.all_gather(w, FSDP_AXIS, axis=1, tiled=True) for w in (w_gate, w_up))
         w_down = jax.lax.all_gather(w_down, FSDP_AXIS, axis=2, tiled=True)
-    out = slot_swiglu(recv, recv_ids[:, None], w_gate, w_up, w_down, padded_buffer=True)[:, 0]
+    out = grouped(recv, recv_ids[:, None], w_gate, w_up, w_down)[:, 0]
     if split_hidden:  # each tensor shard computed a slice of the hidden units: sum the partials
         out = jax.lax.psum(out, TENSOR_AXIS)
     back = exchange(out)
@@ -112,13 +113,15 @@ def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, rows_p
 
 
 def expert_parallel_swiglu(mesh, x: jax.Array, expert_ids: jax.Array, weights: jax.Array, keep: jax.Array,
-                           experts, *, max_rows_per_expert: int | None = None) -> jax.Array:
+                           experts, *, grouped: SlotSwiGLU, max_rows_per_expert: int | None = None) -> jax.Array:
     """y [N, D] = sum over kept slots of weight * expert(x), experts sharded over `expert`.
 
     x [N, D], expert_ids / weights / keep [N, k] are split over the batch axes; the expert weights
     enter split over `expert` (and their hidden dim over `tensor` when it divides) and are
-    gathered over `fsdp` inside, one layer at a time, as FSDP does. max_rows_per_expert: a bound on the slots any one expert receives in
-    total (the capacity), which sizes the send buffer; None = dropless worst case.
+    gathered over `fsdp` inside, one layer at a time, as FSDP does. grouped: the grouped SwiGLU
+    each device runs over its receive buffer, a worst-case-sized buffer whose unused rows carry
+    the id E_l (`GroupedSwiGLU.buffer`). max_rows_per_expert: a bound on the slots any one
+    expert receives in total (the capacity), which sizes the send buffer; None = dropless worst case.
     """
     n_local = x.shape[0] // math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
     k = expert_ids.shape[1]
@@ -133,8 +136,8 @@ def expert_parallel_swiglu(mesh, x: jax.Array, expert_ids: jax.Array, weights: j
     hidden = TENSOR_AXIS if split_hidden else None
     embed = FSDP_AXIS if split_embed else None
     tokens = P(BATCH_AXES)
-    body: Callable = lambda *a: _local_experts(*a, rows_per_device=rows, split_hidden=split_hidden,
-                                               split_embed=split_embed)
+    body: Callable = lambda *a: _local_experts(*a, grouped=grouped, rows_per_device=rows,
+                                               split_hidden=split_hidden, split_embed=split_embed)
     run = jax.shard_map(
         body, mesh=mesh,
         in_specs=(tokens, tokens, tokens, tokens, P(EXPERT_AXIS, embed, hidden), P(EXPERT_AXIS, embed, hidden),

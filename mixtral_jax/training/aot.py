@@ -62,7 +62,7 @@ def compile_report(cfg: Config, sizes: dict[str, int]) -> dict:
 
 
 def format_compile_report(report: dict, device: str | None) -> str:
-    from mixtral_jax.training.memory import DEVICE_MEMORY_GIB, GIB, usable_bytes
+    from mixtral_jax.training.memory import GIB, device_memory_gib, usable_bytes
 
     shape = " x ".join(f"{a}={v}" for a, v in report["mesh"].items() if v > 1) or "one device"
     xla = report["xla"]
@@ -77,7 +77,7 @@ def format_compile_report(report: dict, device: str | None) -> str:
     if device:
         cap = usable_bytes(device)
         verdict = "fits" if xla["total"] <= cap else "does NOT fit"
-        lines.append(f"  {verdict} {device} ({DEVICE_MEMORY_GIB[device]:g} GiB, {cap / GIB:.1f} GiB usable: "
+        lines.append(f"  {verdict} {device} ({device_memory_gib(device):g} GiB, {cap / GIB:.1f} GiB usable: "
                      f"{xla['total'] / cap:.0%} used)")
     lines.append("  (the CPU compiler's buffer assignment; a GPU / TPU compile of the same program differs "
                  "somewhat, mostly in temporaries)")

@@ -13,27 +13,9 @@ import time
 from dataclasses import dataclass
 
 from mixtral_jax.config import ModelConfig
+from mixtral_jax.hardware import BY_NAME, from_device_kind
 
-# Dense bf16 peak TFLOP/s per device (vendor data sheets; no sparsity).
-PEAK_TFLOPS: dict[str, float] = {
-    "a100": 312.0,
-    "h100": 989.0,  # SXM
-    "h200": 989.0,
-    "b200": 2250.0,
-    "tpu-v4": 275.0,
-    "tpu-v5e": 197.0,
-    "tpu-v5p": 459.0,
-    "trillium": 918.0,  # TPU v6e
-}
-HARDWARE_CHOICES = ("auto", "cpu", *PEAK_TFLOPS)
 MAX_DEVICES = 2**31 - 1  # a bound no cluster reaches; keeps float conversions of counts exact
-
-# Substrings of jax's `device_kind`, most specific first.
-_DEVICE_KINDS = (
-    ("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("b200", "b200"),
-    ("tpu v6", "trillium"), ("tpu v5 lite", "tpu-v5e"), ("tpu v5e", "tpu-v5e"), ("tpu v5", "tpu-v5p"),
-    ("tpu v4", "tpu-v4"), ("cpu", "cpu"),
-)
 
 
 @dataclass(frozen=True)
@@ -56,8 +38,7 @@ class FlopsPerToken:
 def matmul_params_per_token(cfg: ModelConfig) -> int:
     """Attention projections, the FFN a token uses (k of E experts + router), and the LM head.
     The input embedding is a lookup, not a matmul, so it is not counted (tied or not)."""
-    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.n_heads
-    attention = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    attention = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     expert = 3 * cfg.dim * cfg.hidden_dim
     if cfg.moe.num_experts > 0:
         ffn = cfg.moe.top_k * expert + cfg.dim * cfg.moe.num_experts
@@ -76,9 +57,8 @@ def effective_context(seq_len: int, window: int | None) -> float:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> FlopsPerToken:
-    head_dim = cfg.head_dim if cfg.head_dim is not None else cfg.dim // cfg.n_heads
     t_eff = effective_context(seq_len, cfg.sliding_window)
-    attention = 12.0 * cfg.n_layers * cfg.n_heads * head_dim * t_eff
+    attention = 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t_eff
     return FlopsPerToken(matmul_params_per_token(cfg), attention, t_eff)
 
 
@@ -86,11 +66,9 @@ def detect_hardware() -> str:
     """Our name for jax.devices()[0], or the raw device_kind if it is not in the table."""
     import jax
 
-    kind = jax.devices()[0].device_kind.lower()
-    for needle, name in _DEVICE_KINDS:
-        if needle in kind:
-            return name
-    return kind
+    kind = jax.devices()[0].device_kind
+    row = from_device_kind(kind)
+    return row.name if row is not None else kind.lower()
 
 
 def measure_matmul_peak(dtype: str = "float32", size: int = 2048, reps: int = 5) -> float:
@@ -116,9 +94,10 @@ def peak_tflops(hardware: str, override: float | None = None, dtype: str = "floa
         return float(override), "config"
     if hardware == "auto":
         hardware = detect_hardware()
-    if hardware in PEAK_TFLOPS:
-        return PEAK_TFLOPS[hardware], "table"
-    if hardware == "cpu":
+    row = BY_NAME.get(hardware)
+    if row is not None and row.peak_tflops is not None:
+        return row.peak_tflops, "table"
+    if row is not None:  # no data-sheet figure (a CPU): measure it
         return measure_matmul_peak(dtype), "measured"
     raise ValueError(f"no peak TFLOP/s known for hardware '{hardware}'; set cost.peak_tflops")
 

@@ -15,49 +15,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from mixtral_jax.config import LoRAConfig
+from mixtral_jax.models.params import component, path_name
 
 Adapters = dict[str, dict[str, jax.Array]]
 
-# name -> (target group, number of trailing axes that are the matrix's input side).
-# wo maps (heads, head_dim) -> dim; every other weight maps one input axis to the rest.
-_TARGETS = {
-    ("attn", "wq"): ("attention", 1),
-    ("attn", "wk"): ("attention", 1),
-    ("attn", "wv"): ("attention", 1),
-    ("attn", "wo"): ("attention", 2),
-    ("ffn", "w_gate"): ("ffn", 1),
-    ("ffn", "w_up"): ("ffn", 1),
-    ("ffn", "w_down"): ("ffn", 1),
-}
-
-
-def _key_name(entry: Any) -> str:
-    return str(getattr(entry, "key", getattr(entry, "name", entry)))
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-    """"blocks.attn.wq" for a pytree path into an nnx State (Variable `value` entries dropped)."""
-    names = [_key_name(p) for p in path]
-    return ".".join(n for n in names if n not in ("value", "raw_value"))
-
-
 def _layout(name: str, ndim: int, is_moe: bool, targets: list[str]) -> tuple[int, int] | None:
-    """(leading stacked axes, input axes) of a targeted weight, or None if not targeted."""
-    parts = tuple(name.split("."))
-    group_in = _TARGETS.get(parts[-2:])
-    if group_in is None:
+    """(leading stacked axes, input axes) of a targeted weight, or None if not targeted.
+    Targets are components (models/params.py): attention, experts or mlp. wo maps
+    (heads, head_dim) -> dim; wq / wk / wv map dim -> (heads, head_dim); the FFN one axis to one."""
+    if component(name, is_moe) not in targets:
         return None
-    group, n_in = group_in
-    if group == "ffn":
-        group = "experts" if is_moe else "mlp"
-    if group not in targets:
-        return None
-    return ndim - n_in - _n_out(parts[-1]), n_in
-
-
-def _n_out(weight: str) -> int:
-    return 2 if weight in ("wq", "wk", "wv") else 1  # (heads, head_dim) or one output axis
+    weight = name.split(".")[-1]
+    n_in = 2 if weight == "wo" else 1
+    n_out = 2 if weight in ("wq", "wk", "wv") else 1
+    return ndim - n_in - n_out, n_in
 
 
 def _flat_params(params: Any) -> dict[str, jax.Array]:

@@ -15,7 +15,7 @@ Components (per device):
 The activation terms count the arrays the model code materialises (see `_per_token_layer`); XLA
 may fuse some away or keep extra copies. tests/test_memory.py holds the total to within 25% of
 XLA's own `compile().memory_analysis()` on small CPU configs; treat the figure as a planning
-estimate and confirm with `compile()` on the target mesh (issue 9's `mixtral-jax compile`).
+estimate and confirm with `compile()` on the target mesh (`mixtral-jax compile`).
 """
 
 from __future__ import annotations
@@ -29,18 +29,14 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from mixtral_jax.config import Config, ConfigError, ModelConfig, did_you_mean
-from mixtral_jax.models.attention import head_dim_of
-from mixtral_jax.models.dispatch import capacity_size
+from mixtral_jax.hardware import ACCELERATORS, BY_NAME
+from mixtral_jax.models.routing import capacity_size
 from mixtral_jax.parallel.mesh import BATCH_AXES, MESH_AXES
 from mixtral_jax.parallel.rules import logical_names, logical_to_spec
 
 GIB = 1024**3
-# Memory per device (GiB) as sold; USABLE_FRACTION leaves room for the runtime, XLA's scratch
-# and fragmentation.
-DEVICE_MEMORY_GIB: dict[str, float] = {
-    "a100-40gb": 40, "a100": 80, "h100": 80, "h200": 141, "b200": 180,
-    "tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "trillium": 32,
-}
+# Of the memory a device is sold with (hardware.py), what a step may plan for: the rest is left
+# to the runtime, XLA's scratch and fragmentation.
 USABLE_FRACTION = 0.9
 
 
@@ -66,9 +62,15 @@ class MemoryPlan:
 
 
 def usable_bytes(device: str) -> int:
-    if device not in DEVICE_MEMORY_GIB:
-        raise ConfigError(f"unknown device '{device}': one of {', '.join(DEVICE_MEMORY_GIB)}")
-    return int(DEVICE_MEMORY_GIB[device] * GIB * USABLE_FRACTION)
+    return int(device_memory_gib(device) * GIB * USABLE_FRACTION)
+
+
+def device_memory_gib(device: str) -> float:
+    """Memory of a named accelerator (hardware.py), or a one-line error naming the known ones."""
+    if device not in ACCELERATORS:
+        raise ConfigError(f"unknown device '{device}': one of {', '.join(ACCELERATORS)}"
+                          f"{did_you_mean(device, ACCELERATORS)}")
+    return BY_NAME[device].memory_gib
 
 
 MAX_MESH_DEVICES = 2**20  # beyond any cluster; keeps the planner's arithmetic (and compile) sane
@@ -154,7 +156,7 @@ def _per_token_layer(cfg: Config, mesh: dict[str, int], local_tokens: int) -> di
     (what dots_saveable keeps) and `input` (what full remat keeps: the layer input)."""
     m = cfg.model
     dt, f32 = jnp.dtype(m.dtype).itemsize, 4
-    t, d, hd = cfg.data.seq_len, m.dim, head_dim_of(m)
+    t, d, hd = cfg.data.seq_len, m.dim, m.head_dim
     tp = mesh["tensor"]
     heads = _split(m.n_heads, tp)
     q, kv = heads * hd, _split(m.n_kv_heads, tp) * hd
@@ -208,6 +210,6 @@ def format_plan(plan: MemoryPlan, device: str | None) -> str:
     if device:
         cap = usable_bytes(device)
         verdict = "fits" if plan.fits(device) else "does NOT fit"
-        lines.append(f"  {verdict} {device} ({DEVICE_MEMORY_GIB[device]:g} GiB, {cap / GIB:.1f} GiB usable: "
+        lines.append(f"  {verdict} {device} ({device_memory_gib(device):g} GiB, {cap / GIB:.1f} GiB usable: "
                      f"{plan.total / cap:.0%} used)")
     return "\n".join(lines)

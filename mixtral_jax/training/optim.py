@@ -8,44 +8,41 @@ import jax.numpy as jnp
 import optax
 
 from mixtral_jax.config import FinetuneConfig, OptimConfig
-from mixtral_jax.training.lora import path_name
+from mixtral_jax.config.choices import SCHEDULES
+from mixtral_jax.models.params import component, path_name
 
-EXPERT_WEIGHTS = ("ffn.w_gate", "ffn.w_up", "ffn.w_down")
+SCHEDULES.register("cosine", lambda cfg, steps: optax.cosine_decay_schedule(cfg.lr, steps, alpha=cfg.min_lr_ratio))
+SCHEDULES.register("linear", lambda cfg, steps: optax.linear_schedule(cfg.lr, cfg.lr * cfg.min_lr_ratio, steps))
+SCHEDULES.register("constant", lambda cfg, steps: optax.constant_schedule(cfg.lr))
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to `lr`, then cosine / linear decay to `lr * min_lr_ratio` (or constant)."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)
-    end = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
-    elif cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
-    else:
-        decay = optax.constant_schedule(cfg.lr)
+    decay = SCHEDULES.get(cfg.schedule)(cfg, decay_steps)
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
 
 
 def _decay_mask(params):
-    """Decay weight matrices only. Norm scales are excluded by name, not by rank, because
+    """Decay weight matrices only. Norm scales are excluded by their path, not by rank, because
     scanned layers stack every per-layer vector into a matrix."""
 
     def decays(path, leaf) -> bool:
-        names = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path).lower()
-        return "norm" not in names and "bias" not in names
+        return component(path_name(path), is_moe=True) != "norms"
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def param_group(name: str, freeze: str) -> str:
     """"train", "router" or "frozen" for a parameter (by its dotted path) under a freeze policy."""
-    is_router = name.endswith("ffn.router")
+    group = component(name, is_moe=True)  # freeze policies on experts apply to MoE models only
+    is_router = group == "router"
     if freeze == "router" and is_router:
         return "frozen"
-    if freeze == "all_but_experts" and not name.endswith(EXPERT_WEIGHTS):
+    if freeze == "all_but_experts" and group != "experts":
         return "frozen"
     return "router" if is_router else "train"
 

@@ -32,7 +32,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from mixtral_jax.config import ConfigError
-from mixtral_jax.training import lora, nonfinite
+from mixtral_jax.models.params import path_name
+from mixtral_jax.training import nonfinite
 from mixtral_jax.training.checkpoint import TRAINER, WEIGHTS, Checkpointer, complete_steps, split_state
 from mixtral_jax.training.errors import RunError
 
@@ -94,7 +95,7 @@ def stored_shapes(step_dir: Path, item: str, step: int) -> dict[str, tuple[int, 
     finally:
         handler.close()
     leaves = jax.tree_util.tree_flatten_with_path(metadata)[0]
-    return {lora.path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+    return {path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def check_shapes(step_dir: Path, target: dict, step: int) -> set[str]:
@@ -105,7 +106,7 @@ def check_shapes(step_dir: Path, target: dict, step: int) -> set[str]:
     optional_missing: set[str] = set()
     for item, tree in expected_items.items():
         stored = stored_shapes(step_dir, item, step)
-        wanted = {lora.path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        wanted = {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
         missing = sorted(set(wanted) - set(stored))
         if item == TRAINER and nonfinite.COUNTERS in tree:
             counters = {n for n in missing if n.split(".")[0] == nonfinite.COUNTERS}

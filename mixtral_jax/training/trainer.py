@@ -1,5 +1,7 @@
 """The training loop: set up a run directory, data, model and optimizer, resume if the run
-has checkpoints, then step / log / evaluate / checkpoint until `train.steps`.
+has checkpoints, then step until `train.steps`, logging, evaluating and checkpointing each on
+its own period (hooks.py). `build_program` turns a config and a mesh into the sharded init and
+compiled steps.
 
 Fault tolerance (each piece in its own module): the run dir is locked and probed before
 anything is written or compiled (run_lock.py); checkpoints left by a crash are checked and a
@@ -15,7 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,16 +26,19 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mixtral_jax.config import Config, ConfigError, LoRAConfig, load_config, save_config
+from mixtral_jax.config import Config, ConfigError, LoRAConfig, ModelConfig, load_config, save_config
 from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_batches, make_train_iterator
 from mixtral_jax.data.tokenizer import load_or_train_tokenizer
-from mixtral_jax.models.transformer import Transformer, param_counts
+from mixtral_jax.models.params import param_counts, path_name
+from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated, traced_under
 from mixtral_jax.parallel.rules import state_shardings
 from mixtral_jax.training.checkpoint import TRAINER, Checkpointer, complete_steps
+from mixtral_jax.training.hooks import (CheckpointHook, EvalHook, LogHook, LoopClock, LoopContext, RecordHook,
+                                       run_hooks)
 from mixtral_jax.training.meter import RunMeter
-from mixtral_jax.training.metrics import MetricsLogger, last_train_record, truncate_metrics, window_record
-from mixtral_jax.training.nonfinite import COUNTERS, SKIPPED, STREAK, NonfiniteGuard, init_counters
+from mixtral_jax.training.metrics import MetricsLogger, last_train_record, truncate_metrics
+from mixtral_jax.training.nonfinite import COUNTERS, NonfiniteGuard, init_counters
 from mixtral_jax.training.preemption import StopRequest
 from mixtral_jax.training.preflight import check_token_ids, check_vocab
 from mixtral_jax.training.recovery import remove_incomplete, restore_latest_good, verify_latest_shapes
@@ -43,11 +48,20 @@ from mixtral_jax.training import lora
 from mixtral_jax.training.step import TrainState, make_eval_step, make_train_step, trainable_key
 
 
-class Trainer:
-    """One run: `Trainer(cfg).fit()` trains (or resumes) and returns the summary dict."""
+class ModelFactory(Protocol):
+    """Builds the model a program trains: `Transformer`, or a variant of it (a benchmark's
+    prototype) with the same parameters, called as `factory(cfg.model, rngs=nnx.Rngs(seed))`."""
 
-    def __init__(self, cfg: Config):
+    def __call__(self, cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module: ...
+
+
+class Trainer:
+    """One run: `Trainer(cfg).fit()` trains (or resumes) and returns the summary dict.
+    `model_factory` builds the model (see build_program)."""
+
+    def __init__(self, cfg: Config, model_factory: ModelFactory = Transformer):
         self.cfg = cfg
+        self.model_factory = model_factory
         self.run_dir = cfg.run_dir
         self.primary = jax.process_index() == 0  # the processes of one job share the run dir
         self.notes: list[str] = []  # warnings found during setup, printed when training starts
@@ -80,7 +94,7 @@ class Trainer:
         if self.primary:  # before orbax lists the steps: a crash mid-save leaves a temporary dir
             self.notes += remove_incomplete(ckpt_dir)
         self.checkpointer = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
-        program = self.program = build_program(cfg, self.mesh)
+        program = self.program = build_program(cfg, self.mesh, self.model_factory)
         self.abstract_state, self.state_shardings = program.abstract_state, program.state_shardings
         self.train_step, self.eval_step = program.train_step, program.eval_step
         self.init_state = program.init_state
@@ -153,63 +167,32 @@ class Trainer:
         if start:
             logger.write(f"resumed {self.run_dir} at step {start}")
         to_device = batch_sharding(self.mesh)
+        ctx = LoopContext(done=start, last_step=last_step, state=state, stop=stop, last_saved=start or None)
+        clock = LoopClock(meter.clock)
         guard = NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_nonfinite)
-        last_saved = start or None
+        evaluator = EvalHook(cfg.train.eval_every, lambda s: self.evaluate(s, eval_batches), clock)
+        hooks = [LogHook(cfg.train.log_every, guard, meter, clock), evaluator, RecordHook(logger),
+                 CheckpointHook(cfg.train.checkpoint_every, guard, self.checkpointer, data_iter, meter.clock)]
         step_fn, compile_s = None, 0.0
-        window: list[dict] = []
-        data_wait = 0.0  # host seconds spent getting batches in this log window
-        eval_metrics: dict[str, float] = {}
         try:
-            for step in range(start, last_step):
+            for _ in range(start, last_step):
                 fetch_start = time.perf_counter()
                 local = next(data_iter)
                 if step_fn is None:  # compile ahead of time so the device clock never counts it
-                    check_token_ids(local, cfg.model.vocab_size)
-                    batch = global_batch(local, to_device)
-                    compile_start = time.perf_counter()
-                    step_fn = self.train_step.lower(state, batch).compile()
-                    compile_s = time.perf_counter() - compile_start
-                    window_start = time.perf_counter()
-                    meter.clock.start()
+                    step_fn, batch, compile_s = self._compile(ctx.state, local, to_device)
+                    clock.start()
                 else:
                     batch = global_batch(local, to_device)
-                    data_wait += time.perf_counter() - fetch_start
-                state, metrics = step_fn(state, batch)
-                window.append(metrics)
-                done = step + 1
+                    clock.waited(time.perf_counter() - fetch_start)
+                ctx.finish_step(*step_fn(ctx.state, batch))
                 logger.advance()
-                record: dict[str, Any] = {}
-                if done % cfg.train.log_every == 0 or done == last_step:
-                    host = jax.device_get(window)  # waits for the steps to finish
-                    guard.check([m[STREAK] for m in host], done - len(host) + 1, last_saved)
-                    record = window_record(host, SKIPPED, internal=(STREAK,))
-                    # Batches are fetched while the previous step runs (dispatch is asynchronous),
-                    # so this is an upper bound on how long training waited for data.
-                    record.update(tokens_seen=done * meter.tokens_per_step, data_wait_s=data_wait / len(window),
-                                  **meter.window(len(window), time.perf_counter() - window_start, done))
-                    window, window_start, data_wait = [], time.perf_counter(), 0.0
-                if done % cfg.train.eval_every == 0 or done == last_step:
-                    jax.block_until_ready(state)
-                    meter.clock.pause()  # eval time is not training time
-                    paused = time.perf_counter()
-                    eval_metrics = self.evaluate(state, eval_batches)
-                    record.update(eval_metrics)
-                    window_start += time.perf_counter() - paused
-                    meter.clock.start()
-                if record:
-                    logger.log(done, record)
-                if done % cfg.train.checkpoint_every == 0 or done == last_step or stop.requested:
-                    # Never checkpoint a state the non-finite policy stops on (steps not logged yet).
-                    guard.check(jax.device_get([m[STREAK] for m in window]), done - len(window) + 1, last_saved)
-                    self.checkpointer.save(done, state, data_iter.get_state(),
-                                           {"clock_seconds": meter.clock.running_seconds})
-                    last_saved = done
+                run_hooks(hooks, ctx)
                 if stop.requested:
-                    logger.write(f"{stop.requested}: stopped after step {done}, checkpoint saved; "
+                    logger.write(f"{stop.requested}: stopped after step {ctx.done}, checkpoint saved; "
                                  f"run the same command again to resume")
                     break
             meter.clock.pause()
-            summary = self._summary(state, eval_metrics, meter, compile_s)
+            summary = self._summary(ctx.state, evaluator.metrics, meter, compile_s)
             summary["stopped_by"] = stop.requested
             logger.summary(summary)
         except BaseException:
@@ -221,6 +204,15 @@ class Trainer:
             logger.close()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _compile(self, state: dict, local: dict, to_device: NamedSharding) -> tuple[Callable, dict, float]:
+        """The train step compiled for the first batch (checked against the vocabulary first),
+        that batch on the devices, and the compile's seconds."""
+        check_token_ids(local, self.cfg.model.vocab_size)
+        batch = global_batch(local, to_device)
+        compile_start = time.perf_counter()
+        step_fn = self.train_step.lower(state, batch).compile()
+        return step_fn, batch, time.perf_counter() - compile_start
 
     def _restore_or_init(self) -> tuple[dict, Any, dict]:
         """Fresh (or init_from) state, or the newest good checkpoint of this run dir."""
@@ -276,11 +268,12 @@ class Trainer:
         }
 
 
-def make_init_fn(cfg: Config, tx: optax.GradientTransformation) -> Callable[[], TrainState]:
+def make_init_fn(cfg: Config, tx: optax.GradientTransformation,
+                 model_factory: ModelFactory = Transformer) -> Callable[[], TrainState]:
     """`init() -> fresh train state`; jit it with the rules' out_shardings to build it sharded."""
 
     def init() -> TrainState:
-        model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
+        model = model_factory(cfg.model, rngs=nnx.Rngs(cfg.run.seed))
         _, params, model_state = nnx.split(model, nnx.Param, ...)
         state = {"step": jnp.asarray(0, jnp.int32), "params": params, "model_state": model_state,
                  "rng": jax.random.PRNGKey(cfg.run.seed + 1), COUNTERS: init_counters()}
@@ -323,14 +316,16 @@ class Program:
                             self.abstract_state, self.state_shardings)
 
 
-def build_program(cfg: Config, mesh: Mesh) -> Program:
-    """The one place a config and a mesh become a sharded init and jitted steps (the Trainer
-    and the sharding / multi-process tests all use it)."""
+def build_program(cfg: Config, mesh: Mesh, model_factory: ModelFactory = Transformer) -> Program:
+    """The one place a config and a mesh become a sharded init and jitted steps (the Trainer,
+    the sharding / multi-process tests and the benchmarks all use it). `model_factory` builds
+    the model both for the initial weights and for the steps' graph, so a variant passed here
+    is the model trained, with no patching of this module."""
     tx = make_optimizer(cfg.optim, cfg.train.steps, cfg.finetune)
-    init_fn = make_init_fn(cfg, tx)
+    init_fn = make_init_fn(cfg, tx, model_factory)
     abstract = jax.eval_shape(init_fn)
     shardings = state_shardings(abstract, mesh)
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+    graphdef = nnx.split(nnx.eval_shape(lambda: model_factory(cfg.model, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
     train_step, eval_step = sharded_steps(cfg, graphdef, tx, learning_rate_schedule(cfg.optim, cfg.train.steps),
                                           mesh, shardings)
     # Each device computes only its own shards: no full copy of the model on one device.
@@ -344,7 +339,7 @@ def trainable_count(state: dict, cfg: Config) -> int:
         return lora.count(state["adapters"])
     leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
     return sum(int(leaf.size) for path, leaf in leaves
-               if param_group(lora.path_name(path), cfg.finetune.freeze) != "frozen")
+               if param_group(path_name(path), cfg.finetune.freeze) != "frozen")
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:

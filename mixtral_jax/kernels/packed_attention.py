@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-# Segments-per-row bounds tried in order; () keeps the document mask as a bias everywhere.
+# The default segments-per-row bounds, tried in order (`Kernels.segment_bounds`; () keeps the
+# document mask as a bias everywhere).
 SEGMENT_BOUNDS: tuple[int, ...] = (8, 32)
 
 
@@ -75,10 +76,10 @@ def packed_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
 
 def packed_or_masked(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, window: int | None,
                      masked: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-                     bounds: Sequence[int] | None = None) -> jax.Array:
-    """cuDNN's segment layout at the first of `bounds` (default SEGMENT_BOUNDS) that every row
-    fits, else masked(q, k, v): the same attention with the documents as a mask."""
-    bounds = SEGMENT_BOUNDS if bounds is None else tuple(bounds)
+                     bounds: Sequence[int]) -> jax.Array:
+    """cuDNN's segment layout at the first of `bounds` that every row fits, else
+    masked(q, k, v): the same attention with the documents as a mask."""
+    bounds = tuple(bounds)
     if not bounds:
         return masked(q, k, v)
     lengths, offsets, fits = segment_layout(segment_ids, bounds[0])

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax.models.rows import move, padded_block_count, padded_rows, sorted_layout
+from mixtral_jax.kernels.rows import move, padded_block_count, padded_rows, sorted_layout
 
 
 def block_size(rows: int, num_experts: int) -> int:

@@ -1,5 +1,5 @@
 """The 2-D matmul every projection runs (token rows [N, K] x weight [K, M]), with its own
-gradient on CPU.
+gradient for CPU.
 
 Autodiff's weight gradient rows^T @ dout contracts the rows' leading dimension. XLA:CPU hands
 that dot to a slower matmul routine than an untransposed one. At the LM head of
@@ -23,13 +23,12 @@ from jax.ad_checkpoint import checkpoint_name
 # the custom gradient hides the dot inside from that policy.
 SAVE_NAME = "rows_matmul"
 
-# Whether CPU traces take the custom gradient (benchmarks switch it off to measure it).
-CPU_GRADIENT = True
 
-
-def rows_matmul(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
-    """x [N, K] @ w [K, M] -> [N, M], in out_dtype when given (else the operands' result type)."""
-    if CPU_GRADIENT and jax.default_backend() == "cpu":
+def rows_matmul(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None, *,
+                custom_gradient: bool = False) -> jax.Array:
+    """x [N, K] @ w [K, M] -> [N, M], in out_dtype when given (else the operands' result type).
+    custom_gradient: the transposed-rows weight gradient (`Kernels.for_backend` turns it on for CPU)."""
+    if custom_gradient:
         return checkpoint_name(_cpu_matmul(x, w, out_dtype), SAVE_NAME)
     return jnp.dot(x, w, preferred_element_type=out_dtype)
 

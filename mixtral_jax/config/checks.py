@@ -9,9 +9,10 @@ import functools
 import math
 from typing import Any, Iterator
 
-from mixtral_jax.config import (ATTENTION_IMPLS, AUX_LOSS_SCOPES, DISPATCHES, DTYPES, FREEZE, LORA_TARGETS,
-                                NONFINITE_POLICIES, REMAT, ROUTERS, SCHEDULES, WANDB_MODES, Config, ConfigError,
-                                did_you_mean)
+from mixtral_jax.config.choices import CHOICE_KEYS, DATA_SOURCES, LORA_TARGETS, split_source
+from mixtral_jax.config.errors import ConfigError, did_you_mean
+from mixtral_jax.config.schema import Config
+from mixtral_jax.hardware import HARDWARE_CHOICES
 
 # JAX's default integer is int32 (shapes, token ids, step counters): bigger values would
 # overflow long after validation, so they stop here. grain takes seeds up to 2**32 - 1.
@@ -30,12 +31,6 @@ _NON_NEGATIVE = (
     "model.moe.bias_update_rate", "model.moe.jitter", "data.num_workers", "data.shuffle_buffer_docs",
     "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_batches",
     "finetune.router_lr_scale", "finetune.lora.rank", "cost.price_per_device_hour")
-_CHOICES = {
-    "model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": REMAT, "model.moe.router": ROUTERS,
-    "model.moe.dispatch": DISPATCHES, "model.moe.router_dtype": DTYPES, "model.moe.aux_loss_scope": AUX_LOSS_SCOPES,
-    "optim.schedule": SCHEDULES, "train.on_nonfinite": NONFINITE_POLICIES, "logging.wandb": WANDB_MODES,
-    "finetune.freeze": FREEZE, "model.attention_impl": ATTENTION_IMPLS}
-SOURCE_KINDS = ("tfds:", "jsonl:", "text:", "instruct:")
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -84,8 +79,9 @@ def validate(cfg: Config) -> None:
         _require(_get(cfg, key) > 0, key, f"must be positive, got {_get(cfg, key)}")
     for key in _NON_NEGATIVE:
         _require(_get(cfg, key) >= 0, key, f"must be >= 0, got {_get(cfg, key)}")
-    for key, choices in _CHOICES.items():
-        _choice(_get(cfg, key), choices, key)
+    for key, registry in CHOICE_KEYS.items():
+        if key != "finetune.lora.targets":  # a list, checked with the rest of LoRA (only when it is on)
+            registry.check(_get(cfg, key), key)
     m, moe, d, o = cfg.model, cfg.model.moe, cfg.data, cfg.optim
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
              f"n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads})")
@@ -94,7 +90,6 @@ def validate(cfg: Config) -> None:
     if m.head_dim is None:
         _require(m.dim % m.n_heads == 0, "model.n_heads",
                  f"dim ({m.dim}) must be divisible by n_heads ({m.n_heads}) when model.head_dim is null")
-        m.head_dim = m.dim // m.n_heads
     _require(m.head_dim > 0 and m.head_dim % 2 == 0, "model.head_dim",
              f"must be positive and even (RoPE rotates pairs), got {m.head_dim}")
     if moe.num_experts > 0:
@@ -105,9 +100,11 @@ def validate(cfg: Config) -> None:
                      "token-choice selection; expert_choice is balanced by construction")
     _require(d.seq_len <= m.max_seq_len, "data.seq_len",
              f"seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    kind, _, arg = d.source.partition(":")
-    _require(d.source == "python_source" or (f"{kind}:" in SOURCE_KINDS and bool(arg.strip())), "data.source",
-             f"'{d.source}' must be python_source, tfds:NAME[/CONFIG], jsonl:PATH, text:DIR or instruct:PATH")
+    kind, arg = split_source(d.source)
+    _require(kind in DATA_SOURCES and (kind == "python_source") == (arg is None) and (arg is None or bool(arg.strip())),
+             "data.source", f"'{d.source}' must be python_source or KIND:ARGUMENT with KIND one of "
+                            f"{', '.join(n for n in DATA_SOURCES if n != 'python_source')}"
+                            f"{did_you_mean(kind, DATA_SOURCES.names)}")
     _require(bool(d.text_key), "data.text_key", "must name a field")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be within [0, 1]")
     _require(0 <= o.b1 < 1, "optim.b1", "must be within [0, 1)")
@@ -128,8 +125,6 @@ def _validate_mesh_cost(cfg: Config) -> None:
     _require(sum(getattr(cfg.mesh, k) == -1 for k in axes) <= 1, "mesh", "at most one axis may be -1")
     _require(cfg.cost.peak_tflops is None or cfg.cost.peak_tflops > 0, "cost.peak_tflops", "must be positive")
     if cfg.cost.peak_tflops is None:  # with a peak given, the hardware name is only a label
-        from mixtral_jax.training.cost import HARDWARE_CHOICES  # light module; lazy: it imports this one
-
         _choice(cfg.cost.hardware, HARDWARE_CHOICES, "cost.hardware")
 
 
@@ -142,9 +137,9 @@ def _validate_finetune(cfg: Config) -> None:
     _require(f.freeze == "none", "finetune.freeze",
              "LoRA already freezes every base weight; leave freeze at none when finetune.lora.rank > 0")
     _require(lora.alpha > 0, "finetune.lora.alpha", "must be positive")
-    _require(len(lora.targets) > 0, "finetune.lora.targets", f"name at least one of {', '.join(LORA_TARGETS)}")
+    _require(len(lora.targets) > 0, "finetune.lora.targets", f"name at least one of {', '.join(LORA_TARGETS.names)}")
     for target in lora.targets:
-        _choice(target, LORA_TARGETS, "finetune.lora.targets")
+        LORA_TARGETS.check(target)
     present = {"attention"} | ({"experts"} if cfg.model.is_moe else {"mlp"})
     _require(bool(set(lora.targets) & present), "finetune.lora.targets",
              f"{lora.targets} selects no weight of this model (it has {', '.join(sorted(present))})")

@@ -1,0 +1,54 @@
+"""Which kernels a model runs, resolved once from the backend.
+
+The model never asks `jax.default_backend()` itself: it is built with a `Kernels` (by default
+`Kernels.for_backend()`) and calls `kernels.matmul`, `kernels.grouped` and reads
+`kernels.segment_bounds`. A benchmark or test that wants another choice builds the model with
+its own `Kernels` (e.g. `dataclasses.replace(Kernels.for_backend(), matmul_custom_gradient=False)`),
+rather than patching a module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from mixtral_jax.kernels import packed_attention
+from mixtral_jax.kernels.grouped import CPU, PALLAS, RAGGED, GroupedSwiGLU
+from mixtral_jax.kernels.matmul import rows_matmul
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """grouped: the grouped SwiGLU of the dropless and capacity dispatch (grouped.py).
+    matmul_custom_gradient: every projection's weight gradient from a transposed copy of its
+    input rows (matmul.py; faster on XLA:CPU only). segment_bounds: documents-per-row bounds of
+    cuDNN's segment layout, tried in order (packed_attention.py); () = documents as a mask.
+    attention_library: the kernel `jax.nn.dot_product_attention` is asked for under
+    `model.attention_impl: dot_product` ("cudnn" on NVIDIA GPUs; "xla" forces XLA's composition
+    through the same call); None = our own attention."""
+
+    grouped: GroupedSwiGLU
+    matmul_custom_gradient: bool
+    segment_bounds: tuple[int, ...]
+    attention_library: str | None
+
+    @classmethod
+    def for_backend(cls, backend: str | None = None) -> "Kernels":
+        """The measured-fastest choice for `backend` (default: jax's default backend)."""
+        backend = backend or jax.default_backend()
+        if backend == "cpu":
+            return cls(CPU, matmul_custom_gradient=True, segment_bounds=(), attention_library=None)
+        if backend == "gpu":
+            bounds = packed_attention.SEGMENT_BOUNDS if packed_attention.supported() else ()
+            return cls(PALLAS, matmul_custom_gradient=False, segment_bounds=bounds, attention_library="cudnn")
+        return cls(RAGGED, matmul_custom_gradient=False, segment_bounds=(), attention_library=None)
+
+    def replace(self, **changes) -> "Kernels":
+        return dataclasses.replace(self, **changes)
+
+    def matmul(self, x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
+        """x [N, K] @ w [K, M], every projection's one entry point."""
+        return rows_matmul(x, w, out_dtype, custom_gradient=self.matmul_custom_gradient)
