@@ -36,13 +36,11 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.tree_util import keystr, tree_flatten_with_path, tree_unflatten  # noqa: E402
 
-from benchmarks.train_step import (MOE, SMOKE, SMOKE_SHAPE, TRUNK, TRUNK_SHAPE, interleave, make_config,  # noqa: E402
-                                   paired, random_batch, ratio_line)
-from mixtral_jax.config import Config, ModelConfig  # noqa: E402
+from benchmarks.train_step import (MOE, SMOKE, SMOKE_SHAPE, TRUNK, TRUNK_SHAPE, OurStep, interleave,  # noqa: E402
+                                   make_config, paired, ratio_line)
+from mixtral_jax.config import ModelConfig  # noqa: E402
 from mixtral_jax.kernels.backend import Kernels  # noqa: E402
 from mixtral_jax.models import transformer  # noqa: E402
-from mixtral_jax.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
-from mixtral_jax.training.trainer import ModelFactory, build_program  # noqa: E402
 
 # The stacked axis of each one-layer stack is named "layers" like the model's (transformer.py).
 LAYER_METADATA = {nnx.PARTITION_NAME: transformer.LAYERS_AXIS}
@@ -84,24 +82,6 @@ class PerLayerTransformer(transformer.Transformer):
         return transformer.ModelOutput(self._head(x).astype(jnp.float32), self._aux(stats, capture_routing))
 
 
-class Step:
-    """The Trainer's compiled train step for the model `model_factory` builds, on the first
-    device (as train_step.OurStep); each call runs one step to completion."""
-
-    def __init__(self, cfg: Config, model_factory: ModelFactory):
-        mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        program = build_program(cfg, mesh, model_factory)
-        self.state = program.init_state()
-        self.batch = jax.device_put(random_batch(cfg), batch_sharding(mesh))
-        self.step = program.train_step.lower(self.state, self.batch).compile()
-        self.loss = float("nan")
-
-    def __call__(self) -> None:
-        self.state, metrics = self.step(self.state, self.batch)
-        jax.block_until_ready((self.state, metrics))
-        self.loss = float(metrics["loss"])
-
-
 def copy_state(stacked: Any, per_layer: Any) -> Any:
     """per_layer's tree holding stacked's values: layer i of `.../blocks/...` goes to `.../blocks[i]/...`."""
     source = {keystr(path): leaf for path, leaf in tree_flatten_with_path(stacked)[0]}
@@ -122,8 +102,8 @@ def copy_state(stacked: Any, per_layer: Any) -> Any:
 
 def compare(name: str, moe: Any, rounds: int, smoke: bool) -> float:
     cfg = make_config(SMOKE, moe, *SMOKE_SHAPE) if smoke else make_config(TRUNK, moe, *TRUNK_SHAPE)
-    stacked = Step(cfg, transformer.Transformer)
-    separate = Step(cfg, PerLayerTransformer)
+    stacked = OurStep(cfg, model_factory=transformer.Transformer)
+    separate = OurStep(cfg, model_factory=PerLayerTransformer)
     separate.state = copy_state(stacked.state, separate.state)
     samples = interleave({"stacked": stacked, "per-layer": separate}, rounds, warmup=2)
     ratio = paired(samples["per-layer"], samples["stacked"])

@@ -57,7 +57,7 @@ from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
 from mixtral_jax.training.cost import flops_per_token, measure_matmul_peak
-from mixtral_jax.training.trainer import build_program
+from mixtral_jax.training.trainer import ModelFactory, build_program
 
 # Big enough that matmuls dominate on a 2-core CPU (every matmul has >= 256 rows and a
 # 512-wide side; 106 model GFLOP per dense step), small enough that a step takes ~1-3 s there.
@@ -107,11 +107,12 @@ class OurStep:
     """The Trainer's compiled train step on the first device; each call runs one step to completion."""
 
     def __init__(self, cfg: Config, seed: int = 0, options: dict[str, Any] | None = None,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, model_factory: ModelFactory = Transformer):
         """options: XLA debug options for this compile only (jax compiler_options). kernels: the
-        model's kernels, when a variant measures another choice than the backend's default."""
+        model's kernels, when a variant measures another choice than the backend's default.
+        model_factory: the model (a prototype of another layout, say; see layer_layout.py)."""
         mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-        program = build_program(cfg, mesh, functools.partial(Transformer, kernels=kernels))
+        program = build_program(cfg, mesh, functools.partial(model_factory, kernels=kernels))
         self.state = program.init_state()
         self.batch = jax.device_put(random_batch(cfg, seed), batch_sharding(mesh))
         start = time.perf_counter()

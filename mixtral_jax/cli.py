@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import NoReturn
 
 from mixtral_jax.config import ConfigError, did_you_mean, load_config
+from mixtral_jax.config.choices import CHOICE_KEYS, DATA_SOURCES
 from mixtral_jax.hardware import ACCELERATORS, HARDWARE_CHOICES
+
+
+def _choices_epilog() -> str:
+    """The values every choice key takes, read from the registries (config/choices.py)."""
+    lines = [f"  {key}: {', '.join(registry.names)}" for key, registry in CHOICE_KEYS.items()]
+    lines.append(f"  data.source: python_source, or KIND:ARGUMENT with KIND one of "
+                 f"{', '.join(n for n in DATA_SOURCES if n != 'python_source')}")
+    lines.append(f"  cost.hardware: {', '.join(HARDWARE_CHOICES)}")
+    return "choice keys:\n" + "\n".join(lines) + "\nevery key, its default and meaning: docs/configs.md"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -226,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="pretrain or fine-tune from a config; resumes the run dir if it has checkpoints",
                              description="Train from a YAML config. Extra arguments override keys, e.g. "
-                                         "train.steps=100 model.moe.top_k=1. A run dir with checkpoints resumes.")
+                                         "train.steps=100 model.moe.top_k=1. A run dir with checkpoints resumes.",
+                             epilog=_choices_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", required=True, help="YAML file (or preset name such as quickstart)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     train.set_defaults(func=cmd_train)

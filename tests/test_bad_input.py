@@ -1,4 +1,4 @@
-"""Bad input gets a one-line error that names what is wrong (issue 8): a seeded config fuzz,
+"""Bad input gets a one-line error that names what is wrong: a seeded config fuzz,
 malformed files through the CLI, unusable corpora, oversized meshes, absurd planner inputs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Nothing executes code from data (issue 8): no unpickling or eval in the package, config
+"""Nothing executes code from data: no unpickling or eval in the package, config
 files are plain data, and secrets in the environment never reach the run directory or logs."""
 
 from __future__ import annotations

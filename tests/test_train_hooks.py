@@ -79,17 +79,21 @@ class _Loop:
         self.evals.append(state["step"])
         return {"eval_loss": 1.0}
 
-    def run(self, stop_after=None, bad=()) -> "_Loop":
+    def run(self, stop_after=None, bad=(), late_signal_after=None) -> "_Loop":
+        """stop_after: a signal arrives while step `stop_after` runs. late_signal_after: one
+        arrives after step `late_signal_after` has read the stop request (during its hooks)."""
         self.clock.start()
         for step in range(self.ctx.done, self.ctx.last_step):
             self.clock.waited(WAIT)
             done = step + 1
-            self.ctx.finish_step({"step": done}, {"loss": np.float32(done), SKIPPED: np.int32(done in bad),
-                                                  STREAK: np.int32(self._streak(done, bad))})
             if done == stop_after:
                 self.stop.requested = "SIGTERM"
+            self.ctx.finish_step({"step": done}, {"loss": np.float32(done), SKIPPED: np.int32(done in bad),
+                                                  STREAK: np.int32(self._streak(done, bad))})
+            if done == late_signal_after:
+                self.stop.requested = "SIGTERM"
             run_hooks(self.hooks, self.ctx)
-            if self.stop.requested:
+            if self.ctx.stopping:
                 break
         return self
 
@@ -139,6 +143,14 @@ def test_hooks_run_on_their_periods_the_last_step_and_a_stop(log_every, eval_eve
         assert record["tokens_seen"] == done * TOKENS_PER_STEP and record["data_wait_s"] == WAIT
         assert STREAK not in record and record[SKIPPED] == 0
         previous = done
+
+
+def test_a_signal_during_a_steps_hooks_is_acted_on_at_the_next_step_with_a_save():
+    """The checkpoint hook and the loop's exit read the same stop request: a signal landing after
+    step 3 read it (checkpoint period 10) neither exits without a save nor is lost; step 4 saves
+    and the loop stops there."""
+    loop = _Loop(log_every=2, eval_every=100, checkpoint_every=10, start=0, last_step=8).run(late_signal_after=3)
+    assert loop.saver.saved == [4] and loop.ctx.done == 4
 
 
 def test_a_bad_step_not_logged_yet_stops_the_run_before_the_next_checkpoint():

@@ -13,51 +13,48 @@ from typing import Optional
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    out_dir: str = "runs"
-    seed: int = 0
+    name: str = "run"  # the run directory's name under out_dir
+    out_dir: str = "runs"  # where run directories live
+    seed: int = 0  # model init, data order and router noise
 
 
 @dataclass
 class MoEConfig:
     num_experts: int = 0  # 0 = dense FFN
-    top_k: int = 2
-    router: str = "topk_softmax"
+    top_k: int = 2  # experts per token (token-choice routers)
+    router: str = "topk_softmax"  # how tokens pick experts
     renormalize: bool = False  # softmax_topk only: rescale the k weights to sum to 1
-    dispatch: str = "dropless"
-    capacity_factor: float = 1.25
-    aux_loss_coef: float = 0.01
-    aux_loss_scope: str = "batch"  # batch (Switch/GShard, global batch) | sequence (per sequence, averaged)
-    z_loss_coef: float = 0.001
+    dispatch: str = "dropless"  # how routed tokens reach the experts
+    capacity_factor: float = 1.25  # capacity dispatch and expert choice: slots per expert over the mean load
+    aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss (1.0 at perfect balance)
+    aux_loss_scope: str = "batch"  # what f and P of the load-balancing loss are computed over
+    z_loss_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)^2)
     bias_update_rate: float = 0.0  # > 0 turns on loss-free balancing
-    jitter: float = 0.0
-    router_dtype: str = "float32"
+    jitter: float = 0.0  # multiplicative noise in [1 - j, 1 + j] on the router input (training only)
+    router_dtype: str = "float32"  # the router's weight and logits
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 32000
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 8
+    vocab_size: int = 32000  # at least the tokenizer's vocabulary
+    dim: int = 4096  # model (residual stream) width
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # query heads
+    n_kv_heads: int = 8  # key / value heads (grouped-query attention); divides n_heads
     head_dim: Optional[int] = 128  # null = dim // n_heads; may differ from it (as in HF configs)
-    hidden_dim: int = 14336
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    sliding_window: Optional[int] = None  # None = full causal attention
-    max_seq_len: int = 4096
-    tie_embeddings: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"
+    hidden_dim: int = 14336  # SwiGLU width of the dense FFN and of each expert
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    sliding_window: Optional[int] = None  # positions a token sees, itself included; null = full causal attention
+    max_seq_len: int = 4096  # longest sequence (data.seq_len, generation without a window)
+    tie_embeddings: bool = False  # the LM head reuses the input embedding
+    dtype: str = "float32"  # compute dtype of the matmuls (norms, softmax, router stay float32)
+    param_dtype: str = "float32"  # storage dtype of the parameters (and AdamW's moments)
+    remat: str = "none"  # what each layer saves for the backward pass
     # layers per iteration of the layer scan: 1 = a loop, compile time flat in depth; n_layers =
     # fully unrolled, static per-layer weight slices (CPU step 0.94x at 4 layers), compile grows
     scan_unroll: int = 1
-    # plain: our einsum attention (scores materialised) | dot_product: jax.nn.dot_product_attention's
-    # library kernel where one supports the shapes (cuDNN flash on NVIDIA GPUs, 16-bit; on Hopper
-    # with packed documents as cuDNN's segment layout, kernels/packed_attention.py), else plain
-    attention_impl: str = "dot_product"
+    attention_impl: str = "dot_product"  # which attention kernel runs
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
@@ -75,45 +72,45 @@ class ModelConfig:
 class TokenizerConfig:
     path: Optional[str] = None  # an existing sentencepiece model; None = train one (cached)
     train_bytes: int = 8_000_000  # how much training text the BPE trainer sees
-    byte_fallback: bool = True
+    byte_fallback: bool = True  # unknown characters become byte pieces (as Mistral's tokenizer)
 
 
 @dataclass
 class DataConfig:
-    source: str = "python_source"
-    text_key: str = "text"
-    seq_len: int = 256
-    batch_size: int = 8
+    source: str = "python_source"  # where documents come from
+    text_key: str = "text"  # the text field of tfds and jsonl records
+    seq_len: int = 256  # tokens per training row
+    batch_size: int = 8  # rows per step, over all devices and processes
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    pack: bool = True
-    num_workers: int = 0
+    pack: bool = True  # pack documents into full rows (attention never crosses a document)
+    num_workers: int = 0  # grain worker processes (0 = in the training process)
     shuffle_buffer_docs: int = 0  # 0 = full global shuffle of documents
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    grad_accum: int = 1
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule ends at lr x this
+    warmup_steps: int = 100  # linear warmup from 0
+    schedule: str = "cosine"  # the decay after warmup
+    weight_decay: float = 0.1  # AdamW decay on matrices (not norm scales)
+    b1: float = 0.9  # AdamW
+    b2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
+    clip_norm: float = 1.0  # global gradient-norm clip (0 = off)
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    init_from: Optional[str] = None
-    on_nonfinite: str = "skip"  # skip: drop the update, count it, go on | stop: stop at the first bad step
+    steps: int = 1000  # optimizer steps in the whole run
+    eval_every: int = 100  # held-out loss every this many steps (and at the last)
+    eval_batches: int = 8  # held-out batches per evaluation
+    log_every: int = 10  # a metrics.jsonl record (means over the window) every this many steps
+    checkpoint_every: int = 200  # a checkpoint every this many steps (and at the last, and on SIGINT / SIGTERM)
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    init_from: Optional[str] = None  # a run dir (or checkpoint dir) to start from, fresh optimizer: fine-tuning
+    on_nonfinite: str = "skip"  # what a step with a non-finite loss or gradient does
     max_consecutive_nonfinite: int = 10  # skip policy: stop after this many bad steps in a row
 
 
@@ -121,12 +118,12 @@ class TrainConfig:
 class LoRAConfig:
     rank: int = 0  # 0 = off; > 0 trains low-rank adapters only (base weights frozen)
     alpha: float = 16.0  # the update is (alpha / rank) * A @ B
-    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])  # of attention | experts | mlp
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])  # which weights get adapters
 
 
 @dataclass
 class FinetuneConfig:
-    freeze: str = "none"  # none | router | all_but_experts (full fine-tuning of the rest)
+    freeze: str = "none"  # which weights stay fixed in full fine-tuning
     router_lr_scale: float = 1.0  # the router's learning rate = optim.lr x this
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -134,29 +131,29 @@ class FinetuneConfig:
 @dataclass
 class MeshConfig:
     data: int = -1  # within a slice (ICI); -1 = fill the slice's remaining devices
-    fsdp: int = 1
-    expert: int = 1
-    tensor: int = 1
+    fsdp: int = 1  # parameters and optimizer state split over these devices (and the batch)
+    expert: int = 1  # experts split over these devices (all-to-all dispatch; the batch too)
+    tensor: int = 1  # hidden units split over these devices (Megatron)
     # Across slices (DCN) for multi-slice TPU / multi-node runs: each axis is ici x dcn in total;
     # the product of the dcn_ values must equal the number of slices (processes on GPU clusters).
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_expert: int = 1
-    dcn_tensor: int = 1
+    dcn_data: int = 1  # data-parallel replicas across slices
+    dcn_fsdp: int = 1  # fsdp across slices
+    dcn_expert: int = 1  # expert parallelism across slices
+    dcn_tensor: int = 1  # tensor parallelism across slices
 
 
 @dataclass
 class CostConfig:
-    hardware: str = "auto"
-    peak_tflops: Optional[float] = None
-    price_per_device_hour: float = 2.0
+    hardware: str = "auto"  # the device MFU and cost are computed for (auto: the one the run is on)
+    peak_tflops: Optional[float] = None  # overrides the hardware table's peak (hardware is then a label)
+    price_per_device_hour: float = 2.0  # dollars, for cost_usd
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "off"
-    wandb_project: str = "mixtral_jax"
-    progress: bool = True
+    wandb: str = "off"  # wandb logging mode
+    wandb_project: str = "mixtral_jax"  # the wandb project runs are logged to
+    progress: bool = True  # a progress bar on the terminal
 
 
 @dataclass

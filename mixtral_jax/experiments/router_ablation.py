@@ -21,18 +21,19 @@ from mixtral_jax.experiments.runner import SMOKE, RunResult, experiment_config, 
 NAME = "router_ablation"
 AUX = ("0", "1e-3", "1e-2", "1e-1")
 Z = ("0", "1e-3")
-ROUTERS = {"topk_softmax": [], "softmax_topk": ["model.moe.router=softmax_topk"],
-           "expert_choice": ["model.moe.router=expert_choice"],
-           "loss_free": ["model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=1e-3"]}
-DISPATCH = {"dropless": [], **{f"capacity{f}": ["model.moe.dispatch=capacity", f"model.moe.capacity_factor={f}"]
-                               for f in ("1.0", "1.25", "2.0")}}
+# The study's arms (config overrides per arm), not the registries of config/choices.py.
+ROUTER_ARMS = {"topk_softmax": [], "softmax_topk": ["model.moe.router=softmax_topk"],
+               "expert_choice": ["model.moe.router=expert_choice"],
+               "loss_free": ["model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=1e-3"]}
+DISPATCH_ARMS = {"dropless": [], **{f"capacity{f}": ["model.moe.dispatch=capacity", f"model.moe.capacity_factor={f}"]
+                                    for f in ("1.0", "1.25", "2.0")}}
 # one factor at a time around the default (aux 1e-2, z 1e-3, topk_softmax, dropless)
 DEFAULT_GRID: dict[str, list[str]] = {
     "default": [],
     **{f"aux{a}": [f"model.moe.aux_loss_coef={a}"] for a in AUX if a != "1e-2"},
     "z0": ["model.moe.z_loss_coef=0"],
-    **{r: o for r, o in ROUTERS.items() if r != "topk_softmax"},
-    **{d: o for d, o in DISPATCH.items() if d != "dropless"},
+    **{r: o for r, o in ROUTER_ARMS.items() if r != "topk_softmax"},
+    **{d: o for d, o in DISPATCH_ARMS.items() if d != "dropless"},
 }
 SMOKE_GRID = ("default", "aux0", "loss_free", "expert_choice", "capacity1.0")
 HEATMAPS = ("aux0", "default")  # no balancing vs the default
@@ -41,7 +42,7 @@ FINAL_WINDOW = 5  # router metrics: mean of the last 5 logged records (the end o
 
 def full_grid() -> dict[str, list[str]]:
     grid = {}
-    for aux, z, (router, r_o), (dispatch, d_o) in itertools.product(AUX, Z, ROUTERS.items(), DISPATCH.items()):
+    for aux, z, (router, r_o), (dispatch, d_o) in itertools.product(AUX, Z, ROUTER_ARMS.items(), DISPATCH_ARMS.items()):
         aux_o = [] if router == "loss_free" else [f"model.moe.aux_loss_coef={aux}"]
         grid[f"aux{aux}_z{z}_{router}_{dispatch}"] = [*aux_o, f"model.moe.z_loss_coef={z}", *r_o, *d_o]
     return grid

@@ -18,10 +18,8 @@ share one row buffer, its size fixed by the half-block padding, and one custom_v
 two made autodiff keep both layouts' residuals, which cost the MoE train step 2.2% even where
 the runs were always taken. The backward is hand-written so each run's weight gradients
 accumulate in place per expert (autodiff of the loop adds a zero-padded [E, D, H] cotangent
-per run). Tried and slower: one loop per expert with a conditional per level (1.33x vs 1.28x),
-a fused [D, 2H] gate-up weight (1.49x vs 1.33x), numpy matmuls of exact group sizes behind
-pure_callback (1.41x), runs capped at 4 half-blocks (1.04x vs 1.03x at 8k tokens); more in the
-README's performance section.
+per run). Figures: one layer forward + backward against a dense layer of the routed FLOPs,
+`python -m benchmarks.moe_dispatch` (docs/performance.md).
 """
 
 from __future__ import annotations

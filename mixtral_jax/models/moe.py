@@ -53,9 +53,6 @@ class MoEBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
         moe = cfg.moe
         kernels = kernels or Kernels.for_backend()
-        if moe.router == "expert_choice" and moe.bias_update_rate > 0:
-            raise ValueError("model.moe.bias_update_rate > 0 needs a token-choice router: expert_choice "
-                             "is balanced by construction and has no top-k selection to bias")
         # The only place strategies are chosen; __call__ just uses these.
         self.route = ROUTERS.get(moe.router)(moe)
         if moe.router == "expert_choice":

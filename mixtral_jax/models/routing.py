@@ -148,7 +148,7 @@ def _token_choice(router: Callable[..., TokenChoice], *options: str) -> Callable
 
 def _expert_choice(moe: MoEConfig) -> Router:
     factor = moe.capacity_factor
-    # No selection bias: expert choice is balanced by construction (MoEBlock refuses the combination).
+    # No selection bias: expert choice is balanced by construction (config validation refuses the combination).
     return lambda logits, bias: expert_choice(logits, factor)
 
 

@@ -57,6 +57,9 @@ class LoopContext:
     last_saved: int | None = None  # the newest checkpoint's step, named when the guard stops the run
     window: list[dict] = field(default_factory=list)  # per-step metrics not logged yet (device arrays)
     record: dict[str, Any] = field(default_factory=dict)
+    # The stop request as read once after this step: the checkpoint hook and the loop's exit act
+    # on the same reading, so a signal arriving between them waits for the next step boundary.
+    stopping: str | None = None
 
     def finish_step(self, state: Any, metrics: dict) -> None:
         """Take the step's outputs: the new state, its metrics queued for the next log."""
@@ -64,6 +67,7 @@ class LoopContext:
         self.window.append(metrics)
         self.done += 1
         self.record = {}
+        self.stopping = self.stop.requested
 
     @property
     def at_end(self) -> bool:
@@ -193,7 +197,7 @@ class CheckpointHook(Hook):
         self.every, self.guard, self.checkpointer, self.data, self.clock = every, guard, checkpointer, data, clock
 
     def due(self, ctx: LoopContext) -> bool:
-        return periodic(self.every, ctx) or bool(ctx.stop.requested)
+        return periodic(self.every, ctx) or bool(ctx.stopping)
 
     def run(self, ctx: LoopContext) -> None:
         # Never checkpoint a state the non-finite policy stops on (steps not logged yet).

@@ -171,6 +171,7 @@ class Trainer:
         clock = LoopClock(meter.clock)
         guard = NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_nonfinite)
         evaluator = EvalHook(cfg.train.eval_every, lambda s: self.evaluate(s, eval_batches), clock)
+        # In this order: a step's record is complete before it is written, and written before the save.
         hooks = [LogHook(cfg.train.log_every, guard, meter, clock), evaluator, RecordHook(logger),
                  CheckpointHook(cfg.train.checkpoint_every, guard, self.checkpointer, data_iter, meter.clock)]
         step_fn, compile_s = None, 0.0
@@ -187,8 +188,8 @@ class Trainer:
                 ctx.finish_step(*step_fn(ctx.state, batch))
                 logger.advance()
                 run_hooks(hooks, ctx)
-                if stop.requested:
-                    logger.write(f"{stop.requested}: stopped after step {ctx.done}, checkpoint saved; "
+                if ctx.stopping:
+                    logger.write(f"{ctx.stopping}: stopped after step {ctx.done}, checkpoint saved; "
                                  f"run the same command again to resume")
                     break
             meter.clock.pause()
