@@ -63,7 +63,7 @@ def ragged_swiglu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up
 
 def ragged_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                        w_down: jax.Array) -> jax.Array:
-    """slot_swiglu with rows sorted by expert and `ragged_dot` (accelerators)."""
+    """Slot outputs [N, k, D] with rows sorted by expert and `ragged_dot` (TPU; the tests' reference)."""
     n, k = expert_ids.shape
     order, group_sizes = sorted_layout(expert_ids, w_gate.shape[0])
     row_of_slot = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=jnp.int32), unique_indices=True)
@@ -73,8 +73,8 @@ def ragged_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w
 def pallas_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                        w_down: jax.Array, block: int = 128, config: KernelConfig = grouped_pallas.DEFAULT,
                        interpret: bool = False) -> jax.Array:
-    """slot_swiglu in the same padded-block layout, each matmul one Pallas grouped-matmul kernel
-    (`grouped_pallas`, GPU; `interpret` runs it on a CPU)."""
+    """Slot outputs [N, k, D] with rows padded per expert to whole blocks, each matmul one Pallas
+    grouped-matmul kernel (`grouped_pallas`, GPU; `interpret` runs it on a CPU)."""
     k = expert_ids.shape[1]
     slot_of_row, row_of_slot, block_expert, n_used, num_blocks, bounds = padded_rows(
         expert_ids, w_gate.shape[0], block)
