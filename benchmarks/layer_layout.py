@@ -43,7 +43,7 @@ from mixtral_jax.kernels.backend import Kernels  # noqa: E402
 from mixtral_jax.models import transformer  # noqa: E402
 
 # The stacked axis of each one-layer stack is named "layers" like the model's (transformer.py).
-LAYER_METADATA = {nnx.PARTITION_NAME: transformer.LAYERS_AXIS}
+LAYER_METADATA = transformer.LAYER_METADATA
 
 
 class PerLayerTransformer(transformer.Transformer):

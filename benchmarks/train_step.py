@@ -285,11 +285,11 @@ def profile(cfg: Config, name: str, rounds: int, say: Callable[[str], None]) -> 
     """Our step against variants of itself, and its per-op breakdown."""
     attention = getattr(cfg.model, "attention_impl", None)
     variants: dict[str, Callable[[], Any]] = {"ours": OurStep(cfg)}
-    cpu = Kernels.for_backend()
+    default = Kernels.for_backend()
     variants["attention by XLA's composition"] = OurStep(with_model(cfg, attention_impl="dot_product"),
-                                                         kernels=cpu.replace(attention_library="xla"))
+                                                         kernels=default.replace(attention_library="xla"))
     variants["remat=dots_saveable"] = OurStep(with_model(cfg, remat="dots_saveable"))
-    variants["autodiff weight gradients"] = OurStep(cfg, kernels=cpu.replace(matmul_custom_gradient=False))
+    variants["autodiff weight gradients"] = OurStep(cfg, kernels=default.replace(matmul_custom_gradient=False))
     variants["XLA ynn fusion of eltwise+reduce"] = OurStep(cfg, options=YNN_FUSION)
     variants["matmuls only (lower bound)"] = matmul_bound(cfg)
     variants["peak"] = peak_call

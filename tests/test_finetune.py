@@ -7,6 +7,7 @@ import pytest
 import jax
 from meshes import mesh_of
 from mixtral_jax.config import ConfigError, load_config
+from mixtral_jax.models.params import path_name
 from mixtral_jax.parallel.mesh import batch_sharding
 from mixtral_jax.training import lora
 from mixtral_jax.training.trainer import build_program, global_batch
@@ -36,7 +37,7 @@ def _batch(cfg, mesh, seed=0):
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-    return {lora.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _train(program, batch, steps):

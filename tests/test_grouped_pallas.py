@@ -100,6 +100,6 @@ def test_dots_saveable_keeps_kernel_outputs_instead_of_rerunning_them():
     """The model's dots_saveable policy saves the named kernel outputs: 3 forward + 3 input-gradient
     launches and 3 weight-gradient ones. JAX's own dots_saveable reruns the gate and up kernels."""
     from mixtral_jax.config.choices import REMAT_POLICIES
-    
+
     assert _kernel_calls(REMAT_POLICIES.get("dots_saveable")) == {"grouped_matmul": 6, "grouped_matmul_weight_grad": 3}
     assert _kernel_calls(jax.checkpoint_policies.dots_saveable)["grouped_matmul"] == 8

@@ -48,6 +48,14 @@ def test_a_registry_refuses_undeclared_and_twice_registered_names():
     assert registry.get("a") == 1 and registry.register("b", None) is None and registry.get("b") is None
 
 
+def test_tables_keyed_by_choice_names_cover_every_choice():
+    from mixtral_jax.models.params import COMPONENTS
+    from mixtral_jax.training.memory import KEPT_BY_REMAT
+
+    assert set(KEPT_BY_REMAT) == set(choices.REMAT_POLICIES.names)  # the memory planner's activations
+    assert set(choices.LORA_TARGETS.names) <= set(COMPONENTS)  # LoRA targets are parameter components
+
+
 def test_train_help_lists_every_choice_from_the_registries(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

@@ -16,8 +16,7 @@ from mixtral_jax.models.transformer import ModelOutput, Transformer
 from mixtral_jax.parallel.mesh import batch_sharding
 from mixtral_jax.training.cost import DeviceClock
 from mixtral_jax.training.errors import RunError
-from mixtral_jax.training.hooks import (CheckpointHook, EvalHook, LogHook, LoopClock, LoopContext, RecordHook,
-                                        run_hooks)
+from mixtral_jax.training.hooks import EvalHook, LoopClock, LoopContext, loop_hooks, run_hooks
 from mixtral_jax.training.nonfinite import SKIPPED, STREAK, NonfiniteGuard
 from mixtral_jax.training.preemption import StopRequest
 from mixtral_jax.training.trainer import Trainer, build_program, global_batch
@@ -44,10 +43,12 @@ class _Logger:
 class _Saver:
     def __init__(self):
         self.saved = []
+        self.during_save = lambda step: None  # what happens while step's checkpoint is written
 
     def save(self, step: int, state: dict, data_state, meta: dict) -> None:
         assert state["step"] == step and data_state == {"position": step} and "clock_seconds" in meta
         self.saved.append(step)
+        self.during_save(step)
 
 
 class _Data:
@@ -71,17 +72,25 @@ class _Loop:
         self.clock = LoopClock(DeviceClock(1))
         guard = NonfiniteGuard(policy, 2)
         self.evals, self.logger, self.saver = [], _Logger(), _Saver()
-        self.hooks = [LogHook(log_every, guard, _Meter(), self.clock),
-                      EvalHook(eval_every, self.evaluate, self.clock), RecordHook(self.logger),
-                      CheckpointHook(checkpoint_every, guard, self.saver, _Data(self.ctx), self.clock.device)]
+        self.during_eval = lambda step: None  # what happens while step's evaluation runs
+        self.hooks = loop_hooks(log_every, checkpoint_every, guard, _Meter(), self.clock,  # the trainer's hooks
+                                EvalHook(eval_every, self.evaluate, self.clock), self.logger, self.saver,
+                                _Data(self.ctx))
 
     def evaluate(self, state: dict) -> dict:
         self.evals.append(state["step"])
+        self.during_eval(state["step"])
         return {"eval_loss": 1.0}
 
-    def run(self, stop_after=None, bad=(), late_signal_after=None) -> "_Loop":
-        """stop_after: a signal arrives while step `stop_after` runs. late_signal_after: one
-        arrives after step `late_signal_after` has read the stop request (during its hooks)."""
+    def signal_at(self, step: int) -> "callable":
+        """A callback that delivers SIGTERM when called for `step`."""
+        def deliver(at: int) -> None:
+            if at == step:
+                self.stop.requested = "SIGTERM"
+        return deliver
+
+    def run(self, stop_after=None, bad=()) -> "_Loop":
+        """stop_after: a signal arrives while step `stop_after` runs."""
         self.clock.start()
         for step in range(self.ctx.done, self.ctx.last_step):
             self.clock.waited(WAIT)
@@ -90,8 +99,6 @@ class _Loop:
                 self.stop.requested = "SIGTERM"
             self.ctx.finish_step({"step": done}, {"loss": np.float32(done), SKIPPED: np.int32(done in bad),
                                                   STREAK: np.int32(self._streak(done, bad))})
-            if done == late_signal_after:
-                self.stop.requested = "SIGTERM"
             run_hooks(self.hooks, self.ctx)
             if self.ctx.stopping:
                 break
@@ -145,12 +152,21 @@ def test_hooks_run_on_their_periods_the_last_step_and_a_stop(log_every, eval_eve
         previous = done
 
 
-def test_a_signal_during_a_steps_hooks_is_acted_on_at_the_next_step_with_a_save():
-    """The checkpoint hook and the loop's exit read the same stop request: a signal landing after
-    step 3 read it (checkpoint period 10) neither exits without a save nor is lost; step 4 saves
-    and the loop stops there."""
-    loop = _Loop(log_every=2, eval_every=100, checkpoint_every=10, start=0, last_step=8).run(late_signal_after=3)
-    assert loop.saver.saved == [4] and loop.ctx.done == 4
+def test_a_signal_during_eval_stops_at_that_step_with_a_save():
+    loop = _Loop(log_every=2, eval_every=3, checkpoint_every=10, start=0, last_step=8)
+    loop.during_eval = loop.signal_at(3)
+    loop.run()
+    assert loop.saver.saved == [3] and loop.ctx.done == 3
+
+
+def test_a_signal_during_a_save_is_acted_on_at_the_next_step_with_a_save():
+    """The checkpoint hook and the loop's exit act on one reading of the stop request: a signal
+    landing while step 2's periodic checkpoint is written neither ends the loop without a save
+    of its own step nor is lost; step 3 saves and the loop stops there."""
+    loop = _Loop(log_every=2, eval_every=100, checkpoint_every=2, start=0, last_step=8)
+    loop.saver.during_save = loop.signal_at(2)
+    loop.run()
+    assert loop.saver.saved == [2, 3] and loop.ctx.done == 3
 
 
 def test_a_bad_step_not_logged_yet_stops_the_run_before_the_next_checkpoint():

@@ -9,7 +9,7 @@ import functools
 import math
 from typing import Any, Iterator
 
-from mixtral_jax.config.choices import CHOICE_KEYS, DATA_SOURCES, LORA_TARGETS, split_source
+from mixtral_jax.config.choices import CHOICE_KEYS, LORA_TARGETS, parse_source
 from mixtral_jax.config.errors import ConfigError, did_you_mean
 from mixtral_jax.config.schema import Config
 from mixtral_jax.hardware import HARDWARE_CHOICES
@@ -100,11 +100,7 @@ def validate(cfg: Config) -> None:
                      "token-choice selection; expert_choice is balanced by construction")
     _require(d.seq_len <= m.max_seq_len, "data.seq_len",
              f"seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    kind, arg = split_source(d.source)
-    _require(kind in DATA_SOURCES and (kind == "python_source") == (arg is None) and (arg is None or bool(arg.strip())),
-             "data.source", f"'{d.source}' must be python_source or KIND:ARGUMENT with KIND one of "
-                            f"{', '.join(n for n in DATA_SOURCES if n != 'python_source')}"
-                            f"{did_you_mean(kind, DATA_SOURCES.names)}")
+    parse_source(d.source)
     _require(bool(d.text_key), "data.text_key", "must name a field")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be within [0, 1]")
     _require(0 <= o.b1 < 1, "optim.b1", "must be within [0, 1)")

@@ -7,6 +7,7 @@ modules that hold them (named beside each registry below), so this module import
 
 from __future__ import annotations
 
+from mixtral_jax.config.errors import ConfigError, did_you_mean
 from mixtral_jax.config.registry import Registry
 
 # Implemented in models/routing.py: builder (MoEConfig) -> router(logits, bias) -> Routing.
@@ -56,10 +57,15 @@ DATA_SOURCES = Registry("data.source", {
 }, module="mixtral_jax.data.sources")
 
 
-def split_source(source: str) -> tuple[str, str | None]:
-    """`KIND:ARGUMENT` -> (KIND, ARGUMENT); a value with no colon -> (value, None)."""
+def parse_source(source: str) -> tuple[str, str]:
+    """A `data.source` value -> (kind, argument): `python_source` takes none, every other kind
+    `KIND:ARGUMENT` with a non-blank argument. ConfigError naming the key otherwise."""
     kind, sep, arg = source.partition(":")
-    return kind, (arg if sep else None)
+    if kind not in DATA_SOURCES or (kind == "python_source") == bool(sep) or (sep and not arg.strip()):
+        kinds = ", ".join(name for name in DATA_SOURCES if name != "python_source")
+        raise ConfigError(f"config key 'data.source': '{source}' must be python_source or KIND:ARGUMENT with KIND one "
+                          f"of {kinds}{did_you_mean(kind, DATA_SOURCES.names)}")
+    return kind, arg
 
 
 # Implemented in training/optim.py: (OptimConfig, decay steps) -> the schedule after warmup.

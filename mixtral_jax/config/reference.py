@@ -2,7 +2,7 @@
 
 Every key's type and default come from the dataclasses in schema.py, its description from the
 comment on (or above) its line there, and the values a choice key takes from config/choices.py.
-tests/test_config_reference.py fails when docs/configs.md differs from what this writes, so the
+tests/test_registries.py fails when docs/configs.md differs from what this writes, so the
 reference cannot drift from the code.
 
     python -m mixtral_jax.config.reference --write    # regenerate docs/configs.md
@@ -25,7 +25,7 @@ from mixtral_jax.config.schema import Config
 from mixtral_jax.hardware import HARDWARE, HARDWARE_CHOICES
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configs.md"
-# Choice keys whose values are not a registry of config/choices.py.
+# data.source takes a registry's name as its KIND (KIND:ARGUMENT), so it is not in CHOICE_KEYS.
 _OTHER_CHOICES = {"data.source": DATA_SOURCES}
 
 
@@ -115,7 +115,24 @@ def render() -> str:
             meaning = f"{comment}:<br>{choices}" if comment and choices else comment or choices
             out.append(f"| `{key}` | {type_name} | {default} | {meaning.replace('|', '&#124;')} |")
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out + hardware_table())
+
+
+def hardware_table() -> list[str]:
+    """The hardware table (hardware.py) as the names `cost.hardware`, `cost --hardware` and
+    `params` / `compile --device` take."""
+    out = ["## Hardware", "",
+           "The names `cost.hardware` and `mixtral-jax cost --hardware` take, and those of `params` / `compile "
+           "--device` (the ones with a memory figure), from `mixtral_jax/hardware.py`. Peaks are dense bf16 "
+           "data-sheet figures without sparsity; `auto` detects the device a run is on.", "",
+           "| name | matched in jax's `device_kind` | bf16 peak TFLOP/s | memory GiB |", "|---|---|---:|---:|"]
+    for row in HARDWARE:
+        kinds = ", ".join(f"`{kind}`" for kind in row.device_kinds)
+        peak = f"{row.peak_tflops:g}" if row.peak_tflops is not None else "measured at run time"
+        memory = f"{row.memory_gib:g}" if row.memory_gib is not None else "host memory, not planned"
+        out.append(f"| `{row.name}` | {kinds} | {peak} | {memory} |")
+    out.append("")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,7 +69,9 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The implementation registered for `name` (validated configs only reach known names)."""
         self.check(name)
-        if name not in self._impls and self.module is not None:
+        if self.module is None:
+            raise KeyError(f"{self.key}: its choices are plain modes, with no implementation to get")
+        if name not in self._impls:
             importlib.import_module(self.module)  # by name: the config layer imports no model code
         if name not in self._impls:
             raise KeyError(f"{self.key}: '{name}' is declared but its implementing module registered nothing")

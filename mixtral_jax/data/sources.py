@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mixtral_jax.config import DataConfig
-from mixtral_jax.config.choices import DATA_SOURCES, split_source
+from mixtral_jax.config.choices import DATA_SOURCES, parse_source
 from mixtral_jax.data import corpus, instruct
 from mixtral_jax.data.corpus import Documents
 
@@ -52,11 +52,8 @@ DATA_SOURCES.register("instruct", DataSource(load=_instruct_documents, fingerpri
 
 
 def _source(cfg: DataConfig) -> tuple[DataSource, str]:
-    kind, arg = split_source(cfg.source)
-    if kind not in DATA_SOURCES or (kind == "python_source") != (arg is None) or (arg is not None and not arg):
-        raise ValueError(f"data.source '{cfg.source}' must be python_source or KIND:ARGUMENT with KIND one of "
-                         f"{', '.join(n for n in DATA_SOURCES if n != 'python_source')}")
-    return DATA_SOURCES.get(kind), arg or ""
+    kind, arg = parse_source(cfg.source)
+    return DATA_SOURCES.get(kind), arg
 
 
 def load_documents(cfg: DataConfig, split: str) -> Documents:

@@ -82,12 +82,10 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         raise ValueError("HF config field 'rope_theta' is missing")
 
     dim, heads = int(_field(hf, "hidden_size")), int(_field(hf, "num_attention_heads"))
-    head_dim = hf.get("head_dim")
-    if head_dim is None:
-        if dim % heads:
-            raise ValueError(f"HF config field 'head_dim' is missing and hidden_size ({dim}) "
-                             f"is not divisible by num_attention_heads ({heads})")
-        head_dim = dim // heads
+    head_dim = hf.get("head_dim")  # absent: ModelConfig resolves it as hidden_size // heads
+    if head_dim is None and dim % heads:
+        raise ValueError(f"HF config field 'head_dim' is missing and hidden_size ({dim}) "
+                         f"is not divisible by num_attention_heads ({heads})")
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"HF config field 'dtype': '{dtype}' is not supported (one of {', '.join(DTYPES.names)})")
@@ -104,7 +102,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     window = hf.get("sliding_window")
     return ModelConfig(
         vocab_size=int(_field(hf, "vocab_size")), dim=dim, n_layers=int(_field(hf, "num_hidden_layers")),
-        n_heads=heads, n_kv_heads=int(_field(hf, "num_key_value_heads", heads)), head_dim=int(head_dim),
+        n_heads=heads, n_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
+        head_dim=None if head_dim is None else int(head_dim),
         hidden_dim=int(_field(hf, "intermediate_size")), norm_eps=float(_field(hf, "rms_norm_eps", 1e-5)),
         rope_theta=float(theta), sliding_window=None if window is None else int(window),
         max_seq_len=int(_field(hf, "max_position_embeddings", 32768)),

@@ -25,7 +25,8 @@ class Kernels:
     """grouped: the grouped SwiGLU of the dropless and capacity dispatch (grouped.py).
     matmul_custom_gradient: every projection's weight gradient from a transposed copy of its
     input rows (matmul.py; faster on XLA:CPU only). segment_bounds: documents-per-row bounds of
-    cuDNN's segment layout, tried in order (packed_attention.py); () = documents as a mask.
+    cuDNN's segment layout, tried in order (packed_attention.py; Hopper or later only, which
+    `for_backend` checks); () = documents as a mask.
     attention_library: the kernel `jax.nn.dot_product_attention` is asked for under
     `model.attention_impl: dot_product` ("cudnn" on NVIDIA GPUs; "xla" forces XLA's composition
     through the same call); None = our own attention."""

@@ -7,7 +7,8 @@ their lengths and start offsets (its "ragged" layout), and then runs each docume
 causal sequence. jax exposes that only in its cuDNN module (`q_offsets` / `kv_offsets`), so this
 file is the one place that touches that private API.
 
-The layout has a static bound on segments per row. SEGMENT_BOUNDS are tried in order (`lax.cond`
+The layout has a static bound on segments per row. The model's `Kernels.segment_bounds`
+(default SEGMENT_BOUNDS on Hopper) are tried in order (`lax.cond`
 on the batch: the first bound every row fits runs), and a batch with a row over the last one takes
 the mask path, so the result never depends on the bounds. The smaller bound is the faster kernel
 (cuDNN launches work for every possible segment): forward + backward of one layer on an H200,

@@ -25,9 +25,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax.config import MoEConfig
 from mixtral_jax.config.choices import DISPATCHERS
-from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.kernels.grouped import GroupedSwiGLU, batched_swiglu as stacked_swiglu
 from mixtral_jax.kernels.rows import combine_slots, take_rows
 from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice, capacity_size
@@ -145,7 +143,6 @@ def expert_choice_dispatch(
 
 # name -> builder from the config and the kernels. Token-choice routers use these; the
 # expert-choice router is paired with `expert_choice_dispatch` (or `dense`) by MoEBlock.
-DispatcherBuilder = Callable[[MoEConfig, Kernels], Dispatcher]
 DISPATCHERS.register("dense", lambda moe, kernels: dense)
 DISPATCHERS.register("capacity", lambda moe, kernels: functools.partial(
     capacity, capacity_factor=moe.capacity_factor, grouped=kernels.grouped))

@@ -23,7 +23,7 @@ LAYERS_AXIS = "layers"
 RESIDUAL = ("batch", None, None)  # the residual stream's layout: rows split, model dim whole
 # Metadata transform for nnx.vmap / nnx.scan: the stacked axis of every layer parameter is
 # named "layers" in its logical sharding (added on creation, stripped inside the scan body).
-_LAYER_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
+LAYER_METADATA = {nnx.PARTITION_NAME: LAYERS_AXIS}
 
 # name -> jax.checkpoint policy; "none" skips remat altogether.
 REMAT_POLICIES.register("none", None)
@@ -116,7 +116,7 @@ class Transformer(nnx.Module):
         self.embed = make_param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pdt)
 
         @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYER_METADATA)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
         def make_blocks(layer_rngs: nnx.Rngs) -> Block:
             return Block(cfg, kernels=kernels, rngs=layer_rngs)
 
@@ -161,7 +161,7 @@ class Transformer(nnx.Module):
             layer = nnx.remat(layer, policy=self.remat_policy, prevent_cse=False)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata=_LAYER_METADATA, unroll=self.scan_unroll)
+                  transform_metadata=LAYER_METADATA, unroll=self.scan_unroll)
         def run_layers(x: jax.Array, block: Block, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
             return layer(block, x, pos, seg, rng)
 
@@ -209,7 +209,7 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata=_LAYER_METADATA, unroll=self.scan_unroll)
+                  transform_metadata=LAYER_METADATA, unroll=self.scan_unroll)
         def run_layers(x: jax.Array, block: Block, pos: jax.Array, layer_cache: KVCache):
             return block.decode(x, pos, layer_cache)
 

@@ -4,8 +4,8 @@ checkpointing, each with its own period, plus the clock they share.
 After every step the loop runs its hooks in order (`run_hooks`); each decides from the shared
 `LoopContext` whether it is due and then does its work. The order is part of the behaviour:
 the log hook builds the step's metrics record, the eval hook adds to it, the record hook writes
-it, and only then does the checkpoint hook save, so a record is on disk before the checkpoint
-that covers its step.
+it, the stop hook reads the stop request, and only then does the checkpoint hook save, so a
+record is on disk before the checkpoint that covers its step.
 
 The non-finite guard (nonfinite.py) is not a hook of its own: it is applied wherever metrics
 come to the host (the log hook) and before every save (the checkpoint hook), because the loop
@@ -57,8 +57,8 @@ class LoopContext:
     last_saved: int | None = None  # the newest checkpoint's step, named when the guard stops the run
     window: list[dict] = field(default_factory=list)  # per-step metrics not logged yet (device arrays)
     record: dict[str, Any] = field(default_factory=dict)
-    # The stop request as read once after this step: the checkpoint hook and the loop's exit act
-    # on the same reading, so a signal arriving between them waits for the next step boundary.
+    # The stop request as StopHook read it for this step: the checkpoint hook and the loop's exit
+    # act on the same reading, so a signal arriving after it waits for the next step boundary.
     stopping: str | None = None
 
     def finish_step(self, state: Any, metrics: dict) -> None:
@@ -67,7 +67,7 @@ class LoopContext:
         self.window.append(metrics)
         self.done += 1
         self.record = {}
-        self.stopping = self.stop.requested
+        self.stopping = None
 
     @property
     def at_end(self) -> bool:
@@ -188,6 +188,17 @@ class RecordHook(Hook):
         self.logger.log(ctx.done, ctx.record)
 
 
+class StopHook(Hook):
+    """Reads the stop request once per step, after logging and eval (a signal during a long eval
+    still stops at this step) and before the checkpoint hook, which saves when one is read."""
+
+    def due(self, ctx: LoopContext) -> bool:
+        return True
+
+    def run(self, ctx: LoopContext) -> None:
+        ctx.stopping = ctx.stop.requested
+
+
 class CheckpointHook(Hook):
     """Every `every` steps, at the last, and as soon as a stop is requested (the job is being
     preempted: its progress must survive): saves the state, the data position and the device
@@ -205,3 +216,10 @@ class CheckpointHook(Hook):
         self.guard.check(streaks, ctx.done - len(ctx.window) + 1, ctx.last_saved)
         self.checkpointer.save(ctx.done, ctx.state, self.data.get_state(), {"clock_seconds": self.clock.running_seconds})
         ctx.last_saved = ctx.done
+
+
+def loop_hooks(log_every: int, checkpoint_every: int, guard: NonfiniteGuard, meter: RunMeter, clock: LoopClock,
+               evaluator: EvalHook, logger: MetricsLogger, checkpointer: Saver, data: DataState) -> list[Hook]:
+    """The loop's hooks, in the order their work depends on (see the module docstring)."""
+    return [LogHook(log_every, guard, meter, clock), evaluator, RecordHook(logger), StopHook(),
+            CheckpointHook(checkpoint_every, guard, checkpointer, data, clock.device)]

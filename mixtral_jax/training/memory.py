@@ -38,6 +38,9 @@ GIB = 1024**3
 # Of the memory a device is sold with (hardware.py), what a step may plan for: the rest is left
 # to the runtime, XLA's scratch and fragmentation.
 USABLE_FRACTION = 0.9
+# Which of a layer's activation terms (`_per_token_layer`) each `model.remat` policy keeps for the
+# backward pass; tests/test_registries.py checks it covers every policy the registry declares.
+KEPT_BY_REMAT = {"none": "all", "dots_saveable": "dots", "full": "input"}
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,7 @@ def plan_memory(cfg: Config, mesh_sizes: dict[str, int]) -> MemoryPlan:
     params, gathered_layer, expert_grads = _param_bytes(cfg.model, abstract_mesh)
     per_layer = _per_token_layer(cfg, mesh, local_tokens)
     layers = cfg.model.n_layers
-    saved = {"none": per_layer["all"], "dots_saveable": per_layer["dots"], "full": per_layer["input"]}[cfg.model.remat]
+    saved = per_layer[KEPT_BY_REMAT[cfg.model.remat]]
     recompute = 0 if cfg.model.remat == "none" else per_layer["all"]  # one layer rebuilt in backward
     vocab = _split(cfg.model.vocab_size, mesh["tensor"])
     logits = 3 * vocab * 4  # float32 logits, their softmax and their gradient

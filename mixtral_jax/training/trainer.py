@@ -34,8 +34,7 @@ from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated, traced_under
 from mixtral_jax.parallel.rules import state_shardings
 from mixtral_jax.training.checkpoint import TRAINER, Checkpointer, complete_steps
-from mixtral_jax.training.hooks import (CheckpointHook, EvalHook, LogHook, LoopClock, LoopContext, RecordHook,
-                                       run_hooks)
+from mixtral_jax.training.hooks import EvalHook, LoopClock, LoopContext, loop_hooks, run_hooks
 from mixtral_jax.training.meter import RunMeter
 from mixtral_jax.training.metrics import MetricsLogger, last_train_record, truncate_metrics
 from mixtral_jax.training.nonfinite import COUNTERS, NonfiniteGuard, init_counters
@@ -171,9 +170,8 @@ class Trainer:
         clock = LoopClock(meter.clock)
         guard = NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_nonfinite)
         evaluator = EvalHook(cfg.train.eval_every, lambda s: self.evaluate(s, eval_batches), clock)
-        # In this order: a step's record is complete before it is written, and written before the save.
-        hooks = [LogHook(cfg.train.log_every, guard, meter, clock), evaluator, RecordHook(logger),
-                 CheckpointHook(cfg.train.checkpoint_every, guard, self.checkpointer, data_iter, meter.clock)]
+        hooks = loop_hooks(cfg.train.log_every, cfg.train.checkpoint_every, guard, meter, clock, evaluator, logger,
+                           self.checkpointer, data_iter)
         step_fn, compile_s = None, 0.0
         try:
             for _ in range(start, last_step):
