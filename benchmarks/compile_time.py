@@ -5,6 +5,10 @@ tiny_moe.yaml at 4 and 32 layers. Layers are stacked and applied with nnx.scan, 
 
     python -m benchmarks.compile_time            # ~2 minutes on 2 cores
     python -m benchmarks.compile_time --smoke    # one round (the test suite)
+    python -m benchmarks.compile_time --unrolled # the loop against fully unrolled layers, 4-32 layers
+
+--unrolled measures what `model.scan_unroll: auto` trades: unrolled layers compile in time that
+grows with depth, the loop in time flat in depth (kernels/backend.py draws the line from it).
 
 Each measurement builds the program afresh (new jitted functions: nothing is reused from an
 earlier compile; no persistent compilation cache is configured) and lowers it against the
@@ -36,10 +40,11 @@ TARGET = 1.5
 DEPTHS = (4, 32)
 
 
-def tiny(kind: str, layers: int, seq: int, batch: int) -> Config:
-    """configs/model/tiny_<kind>.yaml at `layers` layers, on one device."""
+def tiny(kind: str, layers: int, seq: int, batch: int, unroll: int = 1) -> Config:
+    """configs/model/tiny_<kind>.yaml at `layers` layers, `unroll` layers per scan step, on one device."""
     cfg = load_config(CONFIG_DIR / "model" / f"tiny_{kind}.yaml",
-                      [f"model.n_layers={layers}", f"data.seq_len={seq}", f"data.batch_size={batch}"])
+                      [f"model.n_layers={layers}", f"data.seq_len={seq}", f"data.batch_size={batch}",
+                       f"model.scan_unroll={unroll}"])
     cfg.mesh = MeshConfig(data=1)
     validate(cfg)
     return cfg
@@ -67,7 +72,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="default 3, smoke 1")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--unrolled", action="store_true", help="loop vs fully unrolled layers at 4, 8, 16, 32 layers")
     args = parser.parse_args()
+    if args.unrolled:
+        return unrolled(args.seq, args.batch)
     rounds = args.rounds or (1 if args.smoke else 3)
     print(f"# train-step compile time on {jax.devices()[0].device_kind} (1 of {jax.device_count()} device(s)), "
           f"{threads()} threads, jax {jax.__version__}; tiny_dense / tiny_moe at {DEPTHS[0]} and {DEPTHS[1]} layers, "
@@ -97,6 +105,18 @@ def main() -> None:
         value = paired(total[(kind, deep)], total[(kind, shallow)])
         print(ratio_line(f"{kind} compile {deep} layers / {shallow} layers", value, f"target <= {TARGET:g}x",
                          value <= TARGET))
+
+
+def unrolled(seq: int, batch: int) -> None:
+    """Compile seconds of the loop and of fully unrolled layers, one round, by depth."""
+    print(f"# train-step compile time, loop vs unrolled layers, on {jax.devices()[0].device_kind}, {threads()} "
+          f"threads, jax {jax.__version__}; seq {seq}, batch {batch}", flush=True)
+    compile_seconds(tiny("dense", 4, seq, batch))  # untimed: one-time set-up
+    print("| model | layers | loop s | unrolled s | unrolled / loop |\n|---|---:|---:|---:|---:|")
+    for kind in ("dense", "moe"):
+        for layers in (4, 8, 16, 32):
+            loop, full = (sum(compile_seconds(tiny(kind, layers, seq, batch, unroll))) for unroll in (1, layers))
+            print(f"| tiny_{kind} | {layers} | {loop:.1f} | {full:.1f} | {full / loop:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,9 @@ def test_layer_layout_smoke_runs_the_same_model_both_ways():
     # The script exits non-zero when the per-layer prototype's loss differs from our step's.
     ratios = _run_smoke("layer_layout")
     assert set(ratios) == {"moe per-layer/stacked step time"}, ratios
+
+
+def test_train_loop_smoke_compares_the_real_loop_with_torch(corpus_cache):
+    pytest.importorskip("transformers")
+    ratios = _run_smoke("train_loop")
+    assert len(ratios) == 1 and next(iter(ratios)).startswith("worst ours/torch ("), ratios

@@ -94,3 +94,16 @@ def test_remat_and_scan_unroll_do_not_change_loss_or_gradients():
         np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_scan_unroll_auto_unrolls_shallow_models_on_cpu_only():
+    from mixtral_jax.kernels.backend import CPU_MAX_UNROLLED_LAYERS, Kernels
+
+    cpu, tpu = Kernels.for_backend("cpu"), Kernels.for_backend("tpu")
+    deep = CPU_MAX_UNROLLED_LAYERS + 1
+    assert cpu.scan_unroll("auto", 4) == 4 and cpu.scan_unroll("auto", CPU_MAX_UNROLLED_LAYERS) == CPU_MAX_UNROLLED_LAYERS
+    assert cpu.scan_unroll("auto", deep) == 1 and tpu.scan_unroll("auto", 4) == 1
+    assert cpu.scan_unroll(3, 4) == 3 and cpu.scan_unroll(16, 4) == 4 and tpu.scan_unroll(2, deep) == 2
+    cfg = load_config("configs/model/tiny_dense.yaml", [*SMALL, "model.n_layers=2"]).model
+    assert cfg.scan_unroll == "auto"  # the default
+    assert nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))).scan_unroll == 2  # this suite runs on CPU

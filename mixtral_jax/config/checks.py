@@ -21,7 +21,7 @@ _INT_LIMITS = {"run.seed": 2**32 - 1, "data.tokenizer.train_bytes": 2**53}
 # Single-field ranges: every float is also required to be finite (NaN fails no `>` test by
 # itself when the check is written as `not x < 0`, and inf passes `> 0`).
 _POSITIVE = (
-    "model.vocab_size", "model.dim", "model.n_layers", "model.scan_unroll", "model.n_heads", "model.n_kv_heads",
+    "model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
     "model.hidden_dim", "model.max_seq_len", "model.norm_eps", "model.rope_theta", "model.moe.capacity_factor",
     "data.seq_len", "data.batch_size", "data.tokenizer.train_bytes", "optim.lr", "optim.eps", "train.steps",
     "train.eval_every", "train.log_every", "train.checkpoint_every", "optim.grad_accum", "train.keep_checkpoints",
@@ -83,6 +83,9 @@ def validate(cfg: Config) -> None:
         if key != "finetune.lora.targets":  # a list, checked with the rest of LoRA (only when it is on)
             registry.check(_get(cfg, key), key)
     m, moe, d, o = cfg.model, cfg.model.moe, cfg.data, cfg.optim
+    _require(m.scan_unroll == "auto" or (isinstance(m.scan_unroll, int) and not isinstance(m.scan_unroll, bool)
+                                         and m.scan_unroll > 0), "model.scan_unroll",
+             f"must be auto or a positive number of layers, got {m.scan_unroll!r}")
     _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
              f"n_heads ({m.n_heads}) must be a multiple of n_kv_heads ({m.n_kv_heads})")
     _require(m.sliding_window is None or m.sliding_window > 0, "model.sliding_window",

@@ -69,7 +69,8 @@ def _value(value: Any) -> str:
 
 
 def _type(annotation: str) -> str:
-    return re.sub(r"Optional\[(.*)\]", r"\1 or null", str(annotation))
+    text = re.sub(r"Optional\[(.*)\]", r"\1 or null", str(annotation))
+    return re.sub(r"Union\[(\w+), (\w+)\]", r"\1 or \2", text)
 
 
 def sections(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, list[tuple[str, str, str, str]]]]:

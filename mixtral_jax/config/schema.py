@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass
@@ -52,8 +52,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (and AdamW's moments)
     remat: str = "none"  # what each layer saves for the backward pass
     # layers per iteration of the layer scan: 1 = a loop, compile time flat in depth; n_layers =
-    # fully unrolled, static per-layer weight slices (CPU step 0.94x at 4 layers), compile grows
-    scan_unroll: int = 1
+    # fully unrolled (static per-layer weight slices: faster CPU steps, compile time grows with depth);
+    # auto = fully unrolled on CPU up to 8 layers, else a loop (Kernels.max_unrolled_layers)
+    scan_unroll: Union[int, str] = "auto"
     attention_impl: str = "dot_product"  # which attention kernel runs
     moe: MoEConfig = field(default_factory=MoEConfig)
 

@@ -109,7 +109,7 @@ class Transformer(nnx.Module):
         self.head_dim = cfg.head_dim
         self.tie_embeddings = cfg.tie_embeddings
         self.remat = cfg.remat
-        self.scan_unroll = min(cfg.scan_unroll, cfg.n_layers)
+        self.scan_unroll = kernels.scan_unroll(cfg.scan_unroll, cfg.n_layers)
         self.dtype = as_dtype(cfg.dtype)
         pdt = as_dtype(cfg.param_dtype)
 
