@@ -7,6 +7,7 @@ grid of shapes, dense and 8-expert top-2 MoE, interleaved round by round in one 
     python -m benchmarks.train_loop              # the default grid, 2 rounds (~25 minutes on 2 cores)
     python -m benchmarks.train_loop --full       # every grid point: dim x vocab x seq x model
     python -m benchmarks.train_loop --overhead   # the loop against its bare compiled step, quickstart shape
+    python -m benchmarks.train_loop --breakdown --only moe --shapes 1  # where a shape's step time goes
     python -m benchmarks.train_loop --smoke      # one tiny shape, one round (the test suite)
 
 Ours: each round trains a fresh run (compile excluded: the loop's clock starts after it) for
@@ -14,6 +15,10 @@ Ours: each round trains a fresh run (compile excluded: the loop's clock starts a
 first window (warm-up). Torch: the same number of steps after two warm-up steps, median step
 time. A shape's ratio is the median over rounds of ours / torch within the round. The models use
 the config defaults (`model.scan_unroll: auto`, `attention_impl: dot_product`, remat none).
+
+A shape that misses the target in a run gets its step's per-op breakdown printed after the table
+(`trace_breakdown` of train_step.py: time by category, and the costliest ops); --breakdown
+prints only that, for the shapes chosen.
 
 --overhead times the train loop against `OurStep` (build_program's compiled step on one fixed
 batch, nothing else) at the quickstart's shape: what the loop itself costs per step.
@@ -44,7 +49,7 @@ os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", 
 
 import jax  # noqa: E402
 
-from benchmarks.train_step import OurStep, TorchStep, paired, ratio_line, threads  # noqa: E402
+from benchmarks.train_step import OurStep, TorchStep, paired, ratio_line, threads, trace_breakdown  # noqa: E402
 from mixtral_jax.config import Config, load_config  # noqa: E402
 from mixtral_jax.training.metrics import read_metrics  # noqa: E402
 from mixtral_jax.training.trainer import Trainer  # noqa: E402
@@ -135,6 +140,18 @@ def compare(shape: Shape, moe: bool, rounds: int, steps: int, out: str) -> dict:
     return {"model": kind, **shape._asdict(), "ours_tokens_per_s": ours, "torch_tokens_per_s": torch, "ratio": ratio}
 
 
+def breakdown(shape: Shape, moe: bool, out: str) -> None:
+    """Where one step's time goes at this shape: per-op categories and the costliest ops."""
+    cfg = run_config(shape, moe, 10, out, "breakdown")
+    found = trace_breakdown(cfg, top=6)
+    step = found["step_ms"]
+    cats = ", ".join(f"{name} {ms:.0f} ms ({ms / step:.0%})" for name, ms in
+                     sorted(found["categories_ms"].items(), key=lambda item: -item[1]))
+    print(f"\n{'moe' if moe else 'dense'}, {shape.label}: step {step:.0f} ms; {cats}", flush=True)
+    for op in found["top_ops"]:
+        print(f"  {op['ms']:7.1f} ms  {op['op']:<32} {op['shape']:<40} {op['source']}", flush=True)
+
+
 def overhead(rounds: int, steps: int, out: str) -> float:
     """The train loop's tokens/s over its bare compiled step's, at the quickstart's shape."""
     loop, bare = [], []
@@ -163,6 +180,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one tiny shape, one round")
     parser.add_argument("--full", action="store_true", help="every grid point (hours on 2 cores)")
     parser.add_argument("--overhead", action="store_true", help="the loop against its bare step, quickstart shape")
+    parser.add_argument("--breakdown", action="store_true", help="only the per-op breakdown of the chosen shapes")
+    parser.add_argument("--shapes", type=str, default=None, help="comma-separated indices into the grid, e.g. 1,3")
     parser.add_argument("--only", choices=("dense", "moe"), default=None)
     parser.add_argument("--rounds", type=int, default=None, help="default 2, smoke 1")
     parser.add_argument("--steps", type=int, default=None, help="steps per round (default 40, smoke 20)")
@@ -177,9 +196,18 @@ def main() -> None:
             overhead(rounds, steps, out)
             return
         grid = SMOKE_GRID if args.smoke else full_grid() if args.full else DEFAULT_GRID
+        if args.shapes:
+            grid = tuple(grid[int(i)] for i in args.shapes.split(","))
         kinds = [k for k in (False, True) if args.only is None or args.only == ("moe" if k else "dense")]
+        if args.breakdown:
+            for shape, moe in itertools.product(grid, kinds):
+                breakdown(shape, moe, out)
+            return
         print("| model | shape | ours tokens/s (train loop) | torch tokens/s | ours / torch |\n|---|---|---:|---:|---:|")
         results = [compare(shape, moe, rounds, steps, out) for shape in grid for moe in kinds]
+        if not args.smoke:
+            for result in (r for r in results if r["ratio"] < TARGET):
+                breakdown(Shape(*(result[f] for f in Shape._fields)), result["model"] == "moe", out)
     worst = min(results, key=lambda r: r["ratio"])
     print(ratio_line(f"worst ours/torch ({worst['model']}, dim {worst['dim']}, vocab {worst['vocab']}, seq "
                      f"{worst['seq']})", worst["ratio"], f"target >= {TARGET:g}x at every shape",
