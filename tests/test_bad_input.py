@@ -54,6 +54,7 @@ BAD_VALUES: dict[str, list] = {
     "str": [123, "", "a\nb", "\x1b[31mred", "${oc.env:HOME}", "x/y", "..", ["x"], {"a": "b"}, None, True],
     "bool": [1, 0, 5, "yes", "off", "true", None, [True], 2.5],
     "Optional[int]": [0, -5, 3, 10**30, "x", 1.5, [1], {"a": 1}, NAN],
+    "Union[int, str]": [0, -5, 10**30, 2**31, "", "x", "AUTO", 1.5, True, None, [1], {"a": 1}, NAN],
     "Optional[float]": [0.0, -1.0, NAN, INF, "x", [1.0]],
     "Optional[str]": [123, "", "${oc.env:HOME}", ["a"], {"a": 1}],
     "list[str]": [[], [1], [["x"]], [None], "attention", None, {"a": 1}, ["atention"], ["mlp"], ["experts"]],

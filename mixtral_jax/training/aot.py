@@ -3,6 +3,7 @@ so a config can be compiled for a mesh to read XLA's own memory analysis before 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -12,6 +13,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mixtral_jax.config import Config, ConfigError
+from mixtral_jax.kernels.backend import Kernels
+from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import MESH_AXES, batch_sharding
 from mixtral_jax.training.trainer import Program, build_program
 
@@ -28,8 +31,11 @@ def abstract_train_inputs(cfg: Config, mesh: Mesh, program: Program) -> tuple:
 
 
 def compile_train_step(cfg: Config, mesh: Mesh) -> jax.stages.Compiled:
-    """The train step exactly as the Trainer runs it, compiled for `mesh` from shapes alone."""
-    program = build_program(cfg, mesh)
+    """The train step as the Trainer runs it on the target's accelerators, compiled for `mesh`
+    from shapes alone: the host CPU's kernels, with the layers as the loop `model.scan_unroll:
+    auto` gives on GPUs and TPUs (the CPU unrolls shallow models, which changes what XLA keeps)."""
+    loop = Kernels.for_backend().replace(max_unrolled_layers=0)
+    program = build_program(cfg, mesh, functools.partial(Transformer, kernels=loop))
     return program.train_step.lower(*abstract_train_inputs(cfg, mesh, program)).compile()
 
 

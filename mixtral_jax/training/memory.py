@@ -13,7 +13,8 @@ Components (per device):
   makes a per-device copy; FSDP-split weights are reduce-scattered instead). The
   expert-parallel send / receive buffers are counted with the activations.
 The activation terms count the arrays the model code materialises (see `_per_token_layer`); XLA
-may fuse some away or keep extra copies. tests/test_memory.py holds the total to within 25% of
+may fuse some away or keep extra copies. The layers are planned as the loop they run as on
+GPUs and TPUs (`model.scan_unroll: auto` there); unrolled layers let XLA keep more per layer. tests/test_memory.py holds the total to within 25% of
 XLA's own `compile().memory_analysis()` on small CPU configs; treat the figure as a planning
 estimate and confirm with `compile()` on the target mesh (`mixtral-jax compile`).
 """
