@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from mixtral_jax.config import ConfigError, did_you_mean, load_config
-from mixtral_jax.config.choices import CHOICE_KEYS, DATA_SOURCES
+from mixtral_jax.config.choices import CHOICE_KEYS, SOURCE_FORMS
 from mixtral_jax.hardware import ACCELERATORS, HARDWARE_CHOICES
 
 
 def _choices_epilog() -> str:
     """The values every choice key takes, read from the registries (config/choices.py)."""
     lines = [f"  {key}: {', '.join(registry.names)}" for key, registry in CHOICE_KEYS.items()]
-    lines.append(f"  data.source: python_source, or KIND:ARGUMENT with KIND one of "
-                 f"{', '.join(n for n in DATA_SOURCES if n != 'python_source')}")
+    lines.append(f"  data.source: {SOURCE_FORMS}")
     lines.append(f"  cost.hardware: {', '.join(HARDWARE_CHOICES)}")
     return "choice keys:\n" + "\n".join(lines) + "\nevery key, its default and meaning: docs/configs.md"
 

@@ -10,7 +10,7 @@ import math
 from typing import Any, Iterator
 
 from mixtral_jax.config.choices import CHOICE_KEYS, LORA_TARGETS, parse_source
-from mixtral_jax.config.errors import ConfigError, did_you_mean
+from mixtral_jax.config.errors import ConfigError, require_choice
 from mixtral_jax.config.schema import Config
 from mixtral_jax.hardware import HARDWARE_CHOICES
 
@@ -36,12 +36,6 @@ _NON_NEGATIVE = (
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': {message}")
-
-
-def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}"
-                          f"{did_you_mean(value, choices)}")
 
 
 def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -124,7 +118,7 @@ def _validate_mesh_cost(cfg: Config) -> None:
     _require(sum(getattr(cfg.mesh, k) == -1 for k in axes) <= 1, "mesh", "at most one axis may be -1")
     _require(cfg.cost.peak_tflops is None or cfg.cost.peak_tflops > 0, "cost.peak_tflops", "must be positive")
     if cfg.cost.peak_tflops is None:  # with a peak given, the hardware name is only a label
-        _choice(cfg.cost.hardware, HARDWARE_CHOICES, "cost.hardware")
+        require_choice(cfg.cost.hardware, HARDWARE_CHOICES, "cost.hardware")
 
 
 def _validate_finetune(cfg: Config) -> None:

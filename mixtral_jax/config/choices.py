@@ -56,15 +56,17 @@ DATA_SOURCES = Registry("data.source", {
     "instruct": "instruct:PATH: instruction data ({prompt, response} or {messages}), loss on answers only",
 }, module="mixtral_jax.data.sources")
 
+SOURCE_FORMS = ("python_source or KIND:ARGUMENT with KIND one of "
+                + ", ".join(name for name in DATA_SOURCES if name != "python_source"))
+
 
 def parse_source(source: str) -> tuple[str, str]:
     """A `data.source` value -> (kind, argument): `python_source` takes none, every other kind
     `KIND:ARGUMENT` with a non-blank argument. ConfigError naming the key otherwise."""
     kind, sep, arg = source.partition(":")
     if kind not in DATA_SOURCES or (kind == "python_source") == bool(sep) or (sep and not arg.strip()):
-        kinds = ", ".join(name for name in DATA_SOURCES if name != "python_source")
-        raise ConfigError(f"config key 'data.source': '{source}' must be python_source or KIND:ARGUMENT with KIND one "
-                          f"of {kinds}{did_you_mean(kind, DATA_SOURCES.names)}")
+        raise ConfigError(f"config key 'data.source': '{source}' must be {SOURCE_FORMS}"
+                          f"{did_you_mean(kind, DATA_SOURCES.names)}")
     return kind, arg
 
 

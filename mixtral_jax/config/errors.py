@@ -19,3 +19,10 @@ def did_you_mean(value: str, choices: Sequence[str]) -> str:
     """"; did you mean 'X'?" for the closest of `choices`, or "" when none is close."""
     close = difflib.get_close_matches(str(value), list(choices), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def require_choice(value: str, choices: Sequence[str], key: str) -> None:
+    """A ConfigError naming `key` and the closest of `choices` unless `value` is one of them."""
+    if value not in choices:
+        raise ConfigError(f"config key '{key}': '{value}' is not one of {', '.join(choices)}"
+                          f"{did_you_mean(value, choices)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
 
-from mixtral_jax.config.errors import ConfigError, did_you_mean
+from mixtral_jax.config.errors import require_choice
 
 T = TypeVar("T")
 _DECORATE = object()  # `register(name)` with no object: return a decorator
@@ -46,9 +46,7 @@ class Registry(Generic[T]):
 
     def check(self, value: str, key: str | None = None) -> str:
         """`value` if it is one of the names, else a ConfigError naming the key and the closest name."""
-        if value not in self._docs:
-            raise ConfigError(f"config key '{key or self.key}': '{value}' is not one of {', '.join(self.names)}"
-                              f"{did_you_mean(value, self.names)}")
+        require_choice(value, self.names, key or self.key)
         return value
 
     def register(self, name: str, obj: Any = _DECORATE) -> Callable[[T], T] | T:

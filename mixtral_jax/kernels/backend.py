@@ -3,8 +3,8 @@
 The model never asks `jax.default_backend()` itself: it is built with a `Kernels` (by default
 `Kernels.for_backend()`) and calls `kernels.matmul`, `kernels.grouped` and reads
 `kernels.segment_bounds`. A benchmark or test that wants another choice builds the model with
-its own `Kernels` (e.g. `dataclasses.replace(Kernels.for_backend(), matmul_custom_gradient=False)`),
-rather than patching a module.
+its own `Kernels` (e.g. `Kernels.for_backend().replace(matmul_custom_gradient=False)`), rather
+than patching a module.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from mixtral_jax.kernels.matmul import rows_matmul
 # which copies them every step; unrolled layers slice statically. Unrolling costs compile time
 # that grows with depth (`python -m benchmarks.compile_time --unrolled`, 2-core CPU, jax 0.10.2:
 # the tiny MoE's step compiles in 6.5 s as a loop at any depth; unrolled 7.5 s at 4 layers, 11.1 s
-# at 8, 19.2 s at 16, 40.9 s at 32; the tiny dense model 2.8 s as a loop, 3.7 s unrolled at 8). Up to 8 layers the unrolled compile stays under 2x the loop's, so auto unrolls
-# there. Other backends keep the loop: their slices are not copies, and their models are deep.
+# at 8, 19.2 s at 16, 40.9 s at 32; the tiny dense model 2.8 s as a loop, 3.7 s unrolled at 8).
+# Up to 8 layers the unrolled compile stays under 2x the loop's, so auto unrolls there. Other
+# backends keep the loop: their slices are not copies, and their models are deep.
 CPU_MAX_UNROLLED_LAYERS = 8
 
 
