@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from mixtral_jax.config.choices import CHOICE_KEYS, LORA_TARGETS, parse_source
 from mixtral_jax.config.errors import ConfigError, require_choice
-from mixtral_jax.config.schema import Config
+from mixtral_jax.config.schema import Config, ModelConfig
 from mixtral_jax.hardware import HARDWARE_CHOICES
 
 # JAX's default integer is int32 (shapes, token ids, step counters): bigger values would
@@ -62,6 +62,9 @@ def _check_leaves(cfg: Config) -> None:
             _require(-limit <= value <= limit, key, f"{value} is out of range (at most {limit} in size)")
         elif isinstance(value, str):
             _require(value.isprintable(), key, f"must be printable text, got {value!r}")
+        elif isinstance(value, list) and key == "model.moe.dense_layers":
+            _require(all(isinstance(v, int) and not isinstance(v, bool) for v in value), key,
+                     f"must be a list of layer indices, got {value!r}")
         elif isinstance(value, list):
             _require(all(isinstance(v, str) for v in value), key, f"must be a list of names, got {value!r}")
 
@@ -95,6 +98,7 @@ def validate(cfg: Config) -> None:
         if moe.router == "expert_choice":
             _require(moe.bias_update_rate == 0, "model.moe.bias_update_rate", "loss-free balancing biases "
                      "token-choice selection; expert_choice is balanced by construction")
+        _validate_moe_shape(m)
     _require(d.seq_len <= m.max_seq_len, "data.seq_len",
              f"seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     parse_source(d.source)
@@ -108,6 +112,35 @@ def validate(cfg: Config) -> None:
     _validate_mesh_cost(cfg)
     _require(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."), "run.name",
              "must be a non-empty name without '/' (and not '.' or '..')")
+
+
+def _validate_moe_shape(m: ModelConfig) -> None:
+    """Expert widths, the layer pattern and group-limited routing (an MoE model only)."""
+    moe = m.moe
+    for key in ("expert_hidden_dim", "shared_hidden_dim"):
+        value = getattr(moe, key)
+        _require(value is None or value > 0, f"model.moe.{key}", f"must be positive or null, got {value}")
+    _require(moe.shared_experts >= 0, "model.moe.shared_experts", f"must be >= 0, got {moe.shared_experts}")
+    _require(not moe.shared_gate or moe.shared_experts > 0, "model.moe.shared_gate",
+             "gates the shared experts: set model.moe.shared_experts > 0")
+    _require(moe.first_dense_layers >= 0, "model.moe.first_dense_layers", f"must be >= 0, got {moe.first_dense_layers}")
+    _require(moe.sparse_every >= 1, "model.moe.sparse_every", f"must be >= 1, got {moe.sparse_every}")
+    bad = [i for i in moe.dense_layers if not 0 <= i < m.n_layers]
+    _require(not bad, "model.moe.dense_layers", f"{bad} are not layers of a {m.n_layers}-layer model")
+    _require(any(m.sparse_layers), "model.moe.first_dense_layers",
+             "with sparse_every and dense_layers, leaves no sparse layer; set model.moe.num_experts: 0 for a dense model")
+    _require(moe.n_groups >= 1 and moe.num_experts % moe.n_groups == 0, "model.moe.n_groups",
+             f"must divide model.moe.num_experts ({moe.num_experts}), got {moe.n_groups}")
+    _require(1 <= moe.topk_groups <= moe.n_groups, "model.moe.topk_groups",
+             f"must be between 1 and model.moe.n_groups ({moe.n_groups}), got {moe.topk_groups}")
+    per_group = moe.num_experts // moe.n_groups
+    _require(moe.n_groups == 1 or per_group >= 2, "model.moe.n_groups",
+             "groups are scored by their two best experts: each needs at least 2")
+    _require(moe.topk_groups * per_group >= moe.top_k, "model.moe.topk_groups",
+             f"{moe.topk_groups} groups of {per_group} experts hold fewer than top_k ({moe.top_k})")
+    _require(moe.routed_scaling > 0, "model.moe.routed_scaling", f"must be positive, got {moe.routed_scaling}")
+    _require(moe.n_groups == 1 or moe.router in ("softmax_topk", "sigmoid_topk"), "model.moe.n_groups",
+             f"group-limited routing needs router softmax_topk or sigmoid_topk, not {moe.router}")
 
 
 def _validate_mesh_cost(cfg: Config) -> None:
@@ -133,6 +166,8 @@ def _validate_finetune(cfg: Config) -> None:
     _require(len(lora.targets) > 0, "finetune.lora.targets", f"name at least one of {', '.join(LORA_TARGETS.names)}")
     for target in lora.targets:
         LORA_TARGETS.check(target)
-    present = {"attention"} | ({"experts"} if cfg.model.is_moe else {"mlp"})
+    m = cfg.model
+    present = {"attention"} | ({"experts"} if m.is_moe else set()) | ({"shared_experts"} if m.shared_width else set())
+    present |= {"mlp"} if not all(m.sparse_layers) else set()
     _require(bool(set(lora.targets) & present), "finetune.lora.targets",
              f"{lora.targets} selects no weight of this model (it has {', '.join(sorted(present))})")

@@ -14,6 +14,7 @@ from mixtral_jax.config.registry import Registry
 ROUTERS = Registry("model.moe.router", {
     "topk_softmax": "Mixtral: softmax over the k largest logits",
     "softmax_topk": "GShard / Switch: softmax over all E, keep the k largest (renormalize: rescale them to sum 1)",
+    "sigmoid_topk": "DeepSeek-V3: sigmoid scores, keep the k largest (the loss-free bias shifts only the choice)",
     "expert_choice": "Zhou et al. 2022: each expert takes its top C = ceil(N * capacity_factor / E) tokens "
                      "(not causal)",
 }, module="mixtral_jax.models.routing")
@@ -41,6 +42,11 @@ REMAT_POLICIES = Registry("model.remat", {
     "dots_saveable": "keep matmul outputs (grouped-matmul kernels included), recompute the rest",
 }, module="mixtral_jax.models.transformer")
 # Implemented in models/attention.py: name -> attention function.
+QK_NORMS = Registry("model.qk_norm", {
+    "none": "queries and keys as projected (Mistral, Mixtral)",
+    "head": "RMSNorm over each head's head_dim, one weight shared by the heads (Qwen3, Dots1)",
+    "full": "RMSNorm over the whole query / key projection (OLMoE)",
+}, module="mixtral_jax.models.attention")
 ATTENTION_IMPLS = Registry("model.attention_impl", {
     "plain": "our einsum attention (scores materialised)",
     "dot_product": "jax.nn.dot_product_attention's library kernel where one supports the shapes (cuDNN flash "
@@ -88,6 +94,7 @@ FREEZE = Registry("finetune.freeze", {
 LORA_TARGETS = Registry("finetune.lora.targets", {
     "attention": "the attention projections",
     "experts": "the MoE experts' weights",
+    "shared_experts": "the shared experts' weights",
     "mlp": "the dense FFN's weights",
 })
 WANDB_MODES = Registry("logging.wandb", {
@@ -99,7 +106,7 @@ WANDB_MODES = Registry("logging.wandb", {
 # Every config key whose value is one of a registry's names (lists: every element is).
 CHOICE_KEYS: dict[str, Registry] = {
     "model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": REMAT_POLICIES,
-    "model.attention_impl": ATTENTION_IMPLS, "model.moe.router": ROUTERS, "model.moe.dispatch": DISPATCHERS,
+    "model.attention_impl": ATTENTION_IMPLS, "model.qk_norm": QK_NORMS, "model.moe.router": ROUTERS, "model.moe.dispatch": DISPATCHERS,
     "model.moe.router_dtype": DTYPES, "model.moe.aux_loss_scope": AUX_LOSS_SCOPES, "optim.schedule": SCHEDULES,
     "train.on_nonfinite": NONFINITE_POLICIES, "logging.wandb": WANDB_MODES, "finetune.freeze": FREEZE,
     "finetune.lora.targets": LORA_TARGETS,

@@ -22,14 +22,26 @@ class RunConfig:
 class MoEConfig:
     num_experts: int = 0  # 0 = dense FFN
     top_k: int = 2  # experts per token (token-choice routers)
+    expert_hidden_dim: Optional[int] = None  # SwiGLU width of each routed expert; null = model.hidden_dim (Mixtral)
+    shared_experts: int = 0  # experts every token passes through (DeepSeekMoE, Qwen2-MoE), run as one wide SwiGLU
+    shared_hidden_dim: Optional[int] = None  # width of each shared expert; null = the routed experts' width
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) per token (Qwen2-MoE)
+    first_dense_layers: int = 0  # the first k layers keep the dense FFN (DeepSeek's first_k_dense_replace)
+    sparse_every: int = 1  # of the rest, layer i is sparse when (i + 1) % sparse_every == 0 (Qwen decoder_sparse_step)
+    dense_layers: list[int] = field(default_factory=list)  # further layer indices with the dense FFN (Qwen mlp_only_layers)
     router: str = "topk_softmax"  # how tokens pick experts
-    renormalize: bool = False  # softmax_topk only: rescale the k weights to sum to 1
+    renormalize: bool = False  # softmax_topk / sigmoid_topk: rescale the k weights to sum to 1
+    n_groups: int = 1  # group-limited routing: experts split into this many equal groups (DeepSeek n_group)
+    topk_groups: int = 1  # ... of which each token may use the best this many (sum of each group's top-2 scores)
+    routed_scaling: float = 1.0  # multiplies the k routing weights (DeepSeek-V3's routed_scaling_factor)
     dispatch: str = "dropless"  # how routed tokens reach the experts
     capacity_factor: float = 1.25  # capacity dispatch and expert choice: slots per expert over the mean load
     aux_loss_coef: float = 0.01  # weight of the Switch load-balancing loss (1.0 at perfect balance)
     aux_loss_scope: str = "batch"  # what f and P of the load-balancing loss are computed over
     z_loss_coef: float = 0.001  # weight of the router z-loss mean(logsumexp(logits)^2)
     bias_update_rate: float = 0.0  # > 0 turns on loss-free balancing
+    selection_bias: bool = False  # keep the per-expert selection bias even without updates (imported DeepSeek-V3 / Dots1)
+    bias_recenter: bool = False  # after each loss-free update, shift every layer's bias to zero mean
     jitter: float = 0.0  # multiplicative noise in [1 - j, 1 + j] on the router input (training only)
     router_dtype: str = "float32"  # the router's weight and logits
 
@@ -48,6 +60,8 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # positions a token sees, itself included; null = full causal attention
     max_seq_len: int = 4096  # longest sequence (data.seq_len, generation without a window)
     tie_embeddings: bool = False  # the LM head reuses the input embedding
+    qk_norm: str = "none"  # RMSNorm on queries and keys before RoPE: none, head (per head: Qwen3), full (OLMoE)
+    qkv_bias: bool = False  # a bias on the q / k / v projections (Qwen2)
     dtype: str = "float32"  # compute dtype of the matmuls (norms, softmax, router stay float32)
     param_dtype: str = "float32"  # storage dtype of the parameters (and AdamW's moments)
     remat: str = "none"  # what each layer saves for the backward pass
@@ -67,6 +81,23 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.moe.num_experts > 0
+
+    @property
+    def expert_width(self) -> int:
+        """SwiGLU width of one routed expert."""
+        return self.moe.expert_hidden_dim or self.hidden_dim
+
+    @property
+    def shared_width(self) -> int:
+        """Total SwiGLU width of the shared experts (0 = none): they run as one FFN."""
+        return self.moe.shared_experts * (self.moe.shared_hidden_dim or self.expert_width)
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether its FFN is the MoE block (False: the dense FFN of hidden_dim)."""
+        moe, dense = self.moe, set(self.moe.dense_layers)
+        return tuple(self.is_moe and i >= moe.first_dense_layers and (i + 1) % moe.sparse_every == 0
+                     and i not in dense for i in range(self.n_layers))
 
 
 @dataclass

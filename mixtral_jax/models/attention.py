@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.config.choices import ATTENTION_IMPLS
+from mixtral_jax.config.choices import ATTENTION_IMPLS, QK_NORMS
 from mixtral_jax.kernels import packed_attention as packed
 from mixtral_jax.kernels.backend import Kernels
-from mixtral_jax.models.layers import INIT_STD, apply_rope, as_dtype, make_param
+from mixtral_jax.models.layers import INIT_STD, RMSNorm, apply_rope, as_dtype, make_param
 
 # Large finite negative rather than -inf: a fully masked row then gives a uniform softmax
 # instead of NaNs (cannot happen with causal masks, since a token always sees itself).
@@ -136,8 +136,30 @@ def library_or_plain_attention(q: jax.Array, k: jax.Array, v: jax.Array, positio
     return library_attention(q, k, v, positions, segment_ids, window, implementation, kernels.segment_bounds)
 
 
+class QKNorm(nnx.Module):
+    """RMSNorm of queries or keys [B, T, heads, Dh] before RoPE: over each head's Dh features
+    with one weight [Dh] shared by the heads (`head`: Qwen3, Dots1), or over the whole
+    projection, weight [heads * Dh] (`full`: OLMoE)."""
+
+    def __init__(self, heads: int, head_dim: int, eps: float, per_head: bool, param_dtype: jnp.dtype):
+        self.per_head = per_head
+        self.norm = RMSNorm(head_dim if per_head else heads * head_dim, eps, param_dtype=param_dtype,
+                            axis="head_dim" if per_head else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.per_head:
+            return self.norm(x)
+        return self.norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
+
+
+QK_NORMS.register("none", None)
+QK_NORMS.register("head", True)
+QK_NORMS.register("full", False)
+
+
 class Attention(nnx.Module):
-    """GQA self-attention. Weights: wq [dim, H, Dh], wk/wv [dim, KV, Dh], wo [H, Dh, dim]."""
+    """GQA self-attention. Weights: wq [dim, H, Dh], wk/wv [dim, KV, Dh], wo [H, Dh, dim]; with
+    model.qkv_bias also bq [H, Dh], bk / bv [KV, Dh]; with model.qk_norm, q_norm and k_norm."""
 
     def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
         self.kernels = kernels or Kernels.for_backend()
@@ -154,6 +176,18 @@ class Attention(nnx.Module):
         self.wk = make_param(rngs, (d, cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.wv = make_param(rngs, (d, cfg.n_kv_heads, hd), ("embed", "kv_heads", "head_dim"), pdt)
         self.wo = make_param(rngs, (cfg.n_heads, hd, d), ("q_heads", "head_dim", "embed"), pdt, out_std)
+        if cfg.qkv_bias:
+            self.bq = make_param(rngs, (cfg.n_heads, hd), ("q_heads", "head_dim"), pdt, std=0.0)
+            self.bk = make_param(rngs, (cfg.n_kv_heads, hd), ("kv_heads", "head_dim"), pdt, std=0.0)
+            self.bv = make_param(rngs, (cfg.n_kv_heads, hd), ("kv_heads", "head_dim"), pdt, std=0.0)
+        else:
+            self.bq = self.bk = self.bv = None
+        per_head = QK_NORMS.get(cfg.qk_norm)
+        if per_head is None:
+            self.q_norm = self.k_norm = None
+        else:
+            self.q_norm = QKNorm(cfg.n_heads, hd, cfg.norm_eps, per_head, pdt)
+            self.k_norm = QKNorm(cfg.n_kv_heads, hd, cfg.norm_eps, per_head, pdt)
 
     def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B,T,H,Dh], k / v [B,T,KV,Dh] in the compute dtype, q and k rotated at `positions`."""
@@ -161,12 +195,15 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         rows = x.reshape(b * t, d).astype(dt)  # 2-D matmuls: the CPU compiler's fastest form
 
-        def project(w: nnx.Param) -> jax.Array:
+        def project(w: nnx.Param, bias: nnx.Param | None) -> jax.Array:
             _, heads, head_dim = w.shape
-            return self.kernels.matmul(rows, w[...].astype(dt).reshape(d, heads * head_dim)).reshape(
+            out = self.kernels.matmul(rows, w[...].astype(dt).reshape(d, heads * head_dim)).reshape(
                 b, t, heads, head_dim)
+            return out if bias is None else out + bias[...].astype(dt)
 
-        q, k, v = project(self.wq), project(self.wk), project(self.wv)
+        q, k, v = project(self.wq, self.bq), project(self.wk, self.bk), project(self.wv, self.bv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:

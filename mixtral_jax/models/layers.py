@@ -52,9 +52,11 @@ def make_param(
 class RMSNorm(nnx.Module):
     """x / rms(x) * weight, computed in float32 and cast back to the input dtype."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, *, param_dtype: jnp.dtype = jnp.float32):
+    def __init__(self, dim: int, eps: float = 1e-5, *, param_dtype: jnp.dtype = jnp.float32,
+                 axis: str | None = "embed"):
+        """axis: the weight's logical axis name (a norm over a head's features is not "embed")."""
         self.eps = eps
-        self.weight = make_param(None, (dim,), ("embed",), as_dtype(param_dtype), std=None)
+        self.weight = make_param(None, (dim,), (axis,), as_dtype(param_dtype), std=None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

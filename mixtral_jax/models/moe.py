@@ -17,10 +17,11 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.config.choices import AUX_LOSS_SCOPES, DISPATCHERS, ROUTERS
 from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.models.dispatch import Experts, dense, expert_choice_dispatch
-from mixtral_jax.models.layers import INIT_STD, as_dtype, make_param
+from mixtral_jax.models.layers import INIT_STD, MLP, as_dtype, make_param
 from mixtral_jax.models.routing import (
     RouterBias,
     TokenChoice,
+    balance_probabilities,
     jitter,
     load_balancing_loss,
     router_stats,
@@ -34,9 +35,13 @@ STAT_KEYS = ("aux_loss", "z_loss", "expert_load", "router_entropy", "dropped_fra
 class MoEBlock(nnx.Module):
     """x [B, T, dim] -> (y [B, T, dim], stats).
 
-    Parameters: router [dim, E] (stored and applied in moe.router_dtype; softmax in float32),
-    experts w_gate / w_up [E, dim, hidden] and w_down [E, hidden, dim]. With
-    moe.bias_update_rate > 0 also `router_bias`, a RouterBias [E] (zeros; used for top-k selection
+    Parameters: router [dim, E] (stored and applied in moe.router_dtype; scores in float32),
+    experts w_gate / w_up [E, dim, h] and w_down [E, h, dim] with h = moe.expert_hidden_dim
+    (default model.hidden_dim). With shared experts, `shared`, one SwiGLU MLP of their summed
+    width that every token passes through (S experts of width w side by side compute exactly
+    one of width S * w), and with moe.shared_gate its `shared_gate` [dim, 1]: the shared output
+    is scaled by sigmoid(x . shared_gate) (Qwen2-MoE). With moe.bias_update_rate > 0 or
+    moe.selection_bias also `router_bias`, a RouterBias [E] (zeros; used for top-k selection
     only; see routing.update_router_bias).
 
     stats: `aux_loss` (unscaled load-balancing loss, scope moe.aux_loss_scope), `z_loss`,
@@ -60,6 +65,7 @@ class MoEBlock(nnx.Module):
         else:
             self.dispatch = DISPATCHERS.get(moe.dispatch)(moe, kernels)
         self.aux_groups = AUX_LOSS_SCOPES.get(moe.aux_loss_scope)
+        self.balance_probs = balance_probabilities(moe.router)
         self.matmul = kernels.matmul
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
@@ -67,14 +73,18 @@ class MoEBlock(nnx.Module):
         self.dtype = as_dtype(cfg.dtype)
         self.router_dtype = as_dtype(moe.router_dtype)
         pdt = as_dtype(cfg.param_dtype)
-        e, d, h = moe.num_experts, cfg.dim, cfg.hidden_dim
+        e, d, h = moe.num_experts, cfg.dim, cfg.expert_width
         out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
         # Router replicated over the expert axis: every device needs all E logits for top-k.
         self.router = make_param(rngs, (d, e), ("embed", None), self.router_dtype)
         self.w_gate = make_param(rngs, (e, d, h), ("expert", "embed", "mlp"), pdt)
         self.w_up = make_param(rngs, (e, d, h), ("expert", "embed", "mlp"), pdt)
         self.w_down = make_param(rngs, (e, h, d), ("expert", "mlp", "embed"), pdt, out_std)
-        self.router_bias = RouterBias(jnp.zeros((e,), jnp.float32)) if moe.bias_update_rate > 0 else None
+        self.router_bias = (RouterBias(jnp.zeros((e,), jnp.float32))
+                            if moe.bias_update_rate > 0 or moe.selection_bias else None)
+        self.shared = (MLP(d, cfg.shared_width, dtype=cfg.dtype, param_dtype=pdt, out_std=out_std, kernels=kernels,
+                           rngs=rngs) if cfg.shared_width else None)
+        self.shared_gate = make_param(rngs, (d, 1), ("embed", None), pdt) if moe.shared_gate else None
 
     def __call__(
         self, x: jax.Array, router_rng: jax.Array | None = None, capture_routing: bool = False
@@ -90,13 +100,15 @@ class MoEBlock(nnx.Module):
             router_in = jitter(tokens, router_rng, self.jitter)
         rdt = self.router_dtype
         logits = self.matmul(router_in.astype(rdt), self.router[...].astype(rdt)).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = self.balance_probs(logits)
         bias = self.router_bias[...] if self.router_bias is not None else None
         routing = self.route(logits, bias)
 
         dt = self.dtype
         experts = Experts(self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         y, dropped = self.dispatch(tokens.astype(dt), routing, experts)
+        if self.shared is not None:
+            y = y + self._shared(tokens.astype(dt)).astype(y.dtype)
 
         assigned = routing.to_dense(n, self.num_experts, jnp.ones_like(routing[0]))  # [N, E] 0/1
         groups = self.aux_groups(b, t)
@@ -112,15 +124,25 @@ class MoEBlock(nnx.Module):
         return y.reshape(b, t, d), stats
 
 
-def update_router_biases(model_state: nnx.State, expert_load: jax.Array, rate: float) -> nnx.State:
+    def _shared(self, tokens: jax.Array) -> jax.Array:
+        """The shared experts' output for token rows [N, dim], gated per token when configured."""
+        out = self.shared(tokens)
+        if self.shared_gate is None:
+            return out
+        gate = self.matmul(tokens, self.shared_gate[...].astype(tokens.dtype), out_dtype=jnp.float32)
+        return out * jax.nn.sigmoid(gate).astype(out.dtype)
+
+
+def update_router_biases(model_state: nnx.State, expert_load: jax.Array, rate: float,
+                         recenter: bool = False) -> nnx.State:
     """Apply `update_router_bias` to the RouterBias leaves of a model state (or nnx.state(model)).
 
-    In a Transformer the one RouterBias is blocks/ffn/router_bias, stacked [n_layers, E], matching
-    aux["expert_load"] [n_layers, E]. Other variables are returned unchanged.
+    In a Transformer the one RouterBias is blocks/ffn/router_bias, stacked [sparse layers, E],
+    matching aux["expert_load"] [sparse layers, E]. Other variables are returned unchanged.
     """
     def step(var):
         if isinstance(var, RouterBias):
-            return var.replace(update_router_bias(var[...], expert_load, rate))
+            return var.replace(update_router_bias(var[...], expert_load, rate, recenter))
         return var
 
     return jax.tree.map(step, model_state, is_leaf=lambda v: isinstance(v, nnx.Variable))

@@ -12,7 +12,7 @@ from flax import nnx
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.models.transformer import Transformer
 
-COMPONENTS = ("embedding", "lm_head", "norms", "attention", "router", "experts", "mlp")
+COMPONENTS = ("embedding", "lm_head", "norms", "attention", "router", "experts", "shared_experts", "mlp")
 
 
 def path_name(path: tuple[Any, ...]) -> str:
@@ -23,7 +23,9 @@ def path_name(path: tuple[Any, ...]) -> str:
 
 def component(name: str, is_moe: bool) -> str | None:
     """Which of COMPONENTS the parameter at dotted path `name` belongs to (None: none of them).
-    The FFN's weights are `experts` in an MoE model and `mlp` in a dense one; its router is `router`."""
+    A sparse layer's FFN holds `router`, the routed `experts` and the `shared_experts` (with
+    their gate); a dense layer's FFN (every layer of a dense model, `dense_blocks` of an MoE
+    model) is `mlp`."""
     parts = name.split(".")
     if parts[0] == "embed":
         return "embedding"
@@ -36,15 +38,17 @@ def component(name: str, is_moe: bool) -> str | None:
     if "router" in parts:
         return "router"
     if "ffn" in parts:
-        return "experts" if is_moe else "mlp"
+        if not is_moe or parts[0] == "dense_blocks":
+            return "mlp"
+        return "shared_experts" if ("shared" in parts or "shared_gate" in parts) else "experts"
     return None
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Per-component parameter counts plus `total` and `active` (per token), without allocating.
 
-    active = total - (E - k) / E * expert parameters: the router and both embeddings count
-    as active (the Mixtral paper's 12.9B convention).
+    active = total - (E - k) / E * routed expert parameters: the router, shared experts, dense
+    layers and both embeddings count as active (the Mixtral paper's 12.9B convention).
     """
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     counts: dict[str, int] = {}

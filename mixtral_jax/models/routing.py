@@ -73,14 +73,27 @@ Routing = Union[TokenChoice, ExpertChoice]
 Router = Callable[[jax.Array, Union[jax.Array, None]], Routing]  # (logits [N, E], bias [E] | None)
 
 
-def _select(logits: jax.Array, k: int, bias: jax.Array | None) -> jax.Array:
+def _select(scores: jax.Array, k: int, bias: jax.Array | None, n_groups: int = 1,
+            topk_groups: int = 1) -> jax.Array:
     """Top-k expert ids per token; a loss-free-balancing bias shifts only this choice.
 
-    The bias is in logit units and added to the logits for both token-choice routers: softmax is
-    monotone per token, so the unbiased choice is the same whether taken on logits or probs.
+    The bias is in the router's score units: logits for the softmax routers (softmax is monotone
+    per token, so the unbiased choice is the same on logits or probs), sigmoid scores for
+    sigmoid_topk (DeepSeek-V3's e_score_correction_bias).
+    Group-limited (n_groups > 1, DeepSeek-V3): the E experts form n_groups equal groups, each
+    scored by the sum of its two best (biased) scores; a token chooses among the experts of its
+    topk_groups best groups only. Excluded experts get -inf, so they are never chosen, even when
+    every allowed score is negative.
     """
-    scores = logits if bias is None else logits + jax.lax.stop_gradient(bias)
-    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+    choice = scores if bias is None else scores + jax.lax.stop_gradient(bias)
+    if n_groups > 1:
+        n, e = choice.shape
+        per_group = e // n_groups
+        group_scores = jnp.sum(jax.lax.top_k(choice.reshape(n, n_groups, per_group), 2)[0], axis=-1)
+        kept = jax.lax.top_k(group_scores, topk_groups)[1]  # [N, topk_groups]
+        allowed = jnp.zeros((n, n_groups), bool).at[jnp.arange(n)[:, None], kept].set(True)
+        choice = jnp.where(jnp.repeat(allowed, per_group, axis=1), choice, -jnp.inf)
+    return jax.lax.top_k(choice, k)[1].astype(jnp.int32)
 
 
 def topk_softmax(logits: jax.Array, k: int, bias: jax.Array | None = None) -> TokenChoice:
@@ -90,20 +103,37 @@ def topk_softmax(logits: jax.Array, k: int, bias: jax.Array | None = None) -> To
     return TokenChoice(jax.nn.softmax(jnp.take_along_axis(logits, ids, axis=-1), axis=-1), ids)
 
 
+def _scores_topk(scores: jax.Array, choice_scores: jax.Array, k: int, bias: jax.Array | None,
+                 renormalize: bool, n_groups: int, topk_groups: int) -> TokenChoice:
+    ids = _select(choice_scores, k, bias, n_groups, topk_groups)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if renormalize:
+        # The epsilon is DeepSeek-V3's: sigmoid weights can all round to 0 in float32.
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return TokenChoice(weights, ids)
+
+
 def softmax_topk(
-    logits: jax.Array, k: int, bias: jax.Array | None = None, renormalize: bool = False
+    logits: jax.Array, k: int, bias: jax.Array | None = None, renormalize: bool = False,
+    n_groups: int = 1, topk_groups: int = 1,
 ) -> TokenChoice:
-    """GShard / Switch: softmax over all experts, keep the top-k probabilities as weights.
+    """GShard / Switch / Qwen-MoE / OLMoE: softmax over all experts, keep the top-k probabilities.
 
     Without renormalisation the k weights sum to less than 1 (exactly the full-softmax probs);
-    with it they equal `topk_softmax`'s.
+    with it they equal `topk_softmax`'s. The choice is made on logits (plus any bias).
     """
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    ids = _select(logits.astype(jnp.float32), k, bias)
-    weights = jnp.take_along_axis(probs, ids, axis=-1)
-    if renormalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return TokenChoice(weights, ids)
+    logits = logits.astype(jnp.float32)
+    return _scores_topk(jax.nn.softmax(logits, axis=-1), logits, k, bias, renormalize, n_groups, topk_groups)
+
+
+def sigmoid_topk(
+    logits: jax.Array, k: int, bias: jax.Array | None = None, renormalize: bool = False,
+    n_groups: int = 1, topk_groups: int = 1,
+) -> TokenChoice:
+    """DeepSeek-V3 (and Dots1): per-expert sigmoid scores, the k largest (after the selection
+    bias, within the allowed groups) chosen, their unbiased scores the weights."""
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    return _scores_topk(scores, scores, k, bias, renormalize, n_groups, topk_groups)
 
 
 def capacity_size(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -138,11 +168,16 @@ def expert_choice(logits: jax.Array, capacity_factor: float) -> ExpertChoice:
 
 
 def _token_choice(router: Callable[..., TokenChoice], *options: str) -> Callable[[MoEConfig], Router]:
-    """Builder binding top_k and the named MoEConfig fields (scalars, not the config itself)."""
+    """Builder binding top_k and the named MoEConfig fields (scalars, not the config itself);
+    the weights are multiplied by moe.routed_scaling."""
     def build(moe: MoEConfig) -> Router:
-        k = moe.top_k
+        k, scale = moe.top_k, moe.routed_scaling
         extra = {name: getattr(moe, name) for name in options}
-        return lambda logits, bias: router(logits, k, bias, **extra)
+
+        def route(logits: jax.Array, bias: jax.Array | None) -> TokenChoice:
+            choice = router(logits, k, bias, **extra)
+            return choice if scale == 1.0 else TokenChoice(choice.weights * scale, choice.expert_ids)
+        return route
     return build
 
 
@@ -154,7 +189,8 @@ def _expert_choice(moe: MoEConfig) -> Router:
 
 # name -> builder from the config; the builder's result is called as router(logits, bias).
 ROUTERS.register("topk_softmax", _token_choice(topk_softmax))
-ROUTERS.register("softmax_topk", _token_choice(softmax_topk, "renormalize"))
+ROUTERS.register("softmax_topk", _token_choice(softmax_topk, "renormalize", "n_groups", "topk_groups"))
+ROUTERS.register("sigmoid_topk", _token_choice(sigmoid_topk, "renormalize", "n_groups", "topk_groups"))
 ROUTERS.register("expert_choice", _expert_choice)
 
 
@@ -199,8 +235,23 @@ def router_stats(probs: jax.Array, assigned: jax.Array) -> dict[str, jax.Array]:
     return {"expert_load": counts / jnp.maximum(jnp.sum(counts), 1.0), "router_entropy": jnp.mean(entropy)}
 
 
-def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> jax.Array:
-    """Loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean load - load).
+def balance_probabilities(router: str) -> Callable[[jax.Array], jax.Array]:
+    """logits [N, E] -> the per-token distribution over experts that the load-balancing loss's
+    P_i and the router entropy average: the softmax, or for sigmoid_topk each token's sigmoid
+    scores normalised to sum to 1 (DeepSeek-V3's s'_i in its sequence-wise balance loss, which
+    is this aux loss with model.moe.aux_loss_scope: sequence)."""
+    if router == "sigmoid_topk":
+        def normalised_sigmoid(logits: jax.Array) -> jax.Array:
+            scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+            return scores / jnp.sum(scores, axis=-1, keepdims=True)
+        return normalised_sigmoid
+    return lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float, recenter: bool = False) -> jax.Array:
+    """Loss-free balancing step (DeepSeek-V3): bias += rate * sign(mean load - load); with
+    `recenter`, each layer's bias is then shifted to zero mean (the choice is unchanged by a
+    common shift, and the biases cannot drift together).
 
     bias and expert_load are [..., E] (e.g. [n_layers, E]); under-loaded experts move up by `rate`,
     over-loaded ones down, exactly balanced ones stay. Call outside the gradient, once per step,
@@ -208,4 +259,7 @@ def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> 
     """
     load = jax.lax.stop_gradient(expert_load.astype(jnp.float32))
     mean = jnp.mean(load, axis=-1, keepdims=True)
-    return (bias + rate * jnp.sign(mean - load)).astype(bias.dtype)
+    new = bias + rate * jnp.sign(mean - load)
+    if recenter:
+        new = new - jnp.mean(new, axis=-1, keepdims=True)
+    return new.astype(bias.dtype)

@@ -1,9 +1,9 @@
-"""Decoder-only transformer (Mistral dense / Mixtral MoE) with layers stacked and scanned,
-a KV-cached decode path for generation, and parameter counting without allocation."""
+"""Decoder-only transformer (Mistral dense, Mixtral and later MoE designs) with layers stacked
+and scanned, and a KV-cached decode path for generation."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.kernels.grouped_pallas import SAVE_NAME as GROUPED_MATMUL
 from mixtral_jax.kernels.matmul import SAVE_NAME as ROWS_MATMUL
 from mixtral_jax.models.attention import Attention, KVCache
+from mixtral_jax.models.layer_plan import plan_segments
 from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
 from mixtral_jax.models.moe import MoEBlock
 from mixtral_jax.parallel.rules import constrain
@@ -36,15 +37,16 @@ REMAT_POLICIES.register("dots_saveable", jax.checkpoint_policies.save_from_both_
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)); ffn = MLP or MoEBlock."""
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)); ffn = MoEBlock (sparse)
+    or the dense SwiGLU MLP of model.hidden_dim."""
 
-    def __init__(self, cfg: ModelConfig, *, kernels: Kernels, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, sparse: bool, kernels: Kernels, rngs: nnx.Rngs):
         pdt = as_dtype(cfg.param_dtype)
-        self.is_moe = cfg.is_moe
+        self.is_moe = sparse
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
         self.attn = Attention(cfg, kernels=kernels, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
-        if cfg.is_moe:
+        if sparse:
             self.ffn = MoEBlock(cfg, kernels=kernels, rngs=rngs)
         else:
             out_std = INIT_STD / (2 * cfg.n_layers) ** 0.5
@@ -86,11 +88,15 @@ class ModelOutput(NamedTuple):
 class Transformer(nnx.Module):
     """tokens [B, T] -> (logits [B, T, vocab] float32, aux).
 
-    aux: `aux_loss`, `z_loss` (means over layers, unscaled; 0 for dense models) and, for MoE,
-    `expert_load` [n_layers, E], `router_entropy`, `dropped_fraction` (means over layers).
-    Layer parameters are stacked on a leading "layers" axis (self.blocks) and applied with
-    nnx.scan, so compile time does not grow with depth. With loss-free balancing the model state
-    (not the Params) holds blocks/ffn/router_bias, a RouterBias [n_layers, E].
+    aux: `aux_loss`, `z_loss` (means over the sparse layers, unscaled; 0 for dense models) and,
+    for MoE, `expert_load` [sparse layers, E], `router_entropy`, `dropped_fraction` (means over
+    the sparse layers).
+    Layer parameters are stacked on a leading "layers" axis: `blocks` holds every layer of a
+    dense model, the sparse layers of an MoE model, whose dense layers (model.moe.
+    first_dense_layers, sparse_every, dense_layers) are `dense_blocks`. The layers run in order
+    as the segments of layer_plan.plan_segments, one scan each, so compile time does not grow
+    with depth. With loss-free balancing the model state (not the Params) holds
+    blocks/ffn/router_bias, a RouterBias [sparse layers, E].
     """
 
     def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
@@ -102,6 +108,8 @@ class Transformer(nnx.Module):
         # Keep scalars, not the (unhashable) config dataclass: module statics go in the graphdef.
         self.is_moe = cfg.is_moe
         self.n_layers = cfg.n_layers
+        sparse = cfg.sparse_layers
+        self.segments = plan_segments(sparse)
         # For generation: cache geometry, and the longest sequence a full-attention cache may hold.
         self.sliding_window = cfg.sliding_window
         self.max_seq_len = cfg.max_seq_len
@@ -115,12 +123,15 @@ class Transformer(nnx.Module):
 
         self.embed = make_param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pdt)
 
-        @nnx.split_rngs(splits=cfg.n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
-        def make_blocks(layer_rngs: nnx.Rngs) -> Block:
-            return Block(cfg, kernels=kernels, rngs=layer_rngs)
+        def make_blocks(kind_is_sparse: bool) -> Block:
+            @nnx.split_rngs(splits=sum(1 for s in sparse if s == kind_is_sparse))
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
+            def make(layer_rngs: nnx.Rngs) -> Block:
+                return Block(cfg, sparse=kind_is_sparse, kernels=kernels, rngs=layer_rngs)
+            return make(rngs)
 
-        self.blocks = make_blocks(rngs)
+        self.blocks = make_blocks(cfg.is_moe)
+        self.dense_blocks = make_blocks(False) if cfg.is_moe and not all(sparse) else None
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.lm_head = make_param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pdt)
@@ -152,21 +163,73 @@ class Transformer(nnx.Module):
         # One key per layer, scanned with the blocks (None scans as an empty pytree).
         layer_rngs = None if router_rng is None else jax.random.split(router_rng, self.n_layers)
 
-        def layer(block: Block, x: jax.Array, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
-            x, stats = block(x, pos, seg, rng, capture_routing)
-            return constrain(x, RESIDUAL), stats
+        def layer(block: Block, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, None, dict]:
+            x, stats = block(x, positions, segment_ids, rng, capture_routing)
+            return constrain(x, RESIDUAL), None, stats
 
-        if self.remat != "none":
-            # Checkpoint each layer inside the scan; prevent_cse is unnecessary under scan.
-            layer = nnx.remat(layer, policy=self.remat_policy, prevent_cse=False)
+        x, _, stats = self._run_layers(x, layer_rngs, layer, remat=self.remat != "none")
+        return ModelOutput(self._head(x).astype(jnp.float32), self._aux(stats[self.is_moe], capture_routing))
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata=LAYER_METADATA, unroll=self.scan_unroll)
-        def run_layers(x: jax.Array, block: Block, pos: jax.Array, seg: jax.Array, rng: jax.Array | None):
-            return layer(block, x, pos, seg, rng)
+    def _stack(self, sparse: bool) -> nnx.Module:
+        """The stacked blocks of one kind of layer."""
+        return self.blocks if sparse == self.is_moe else self.dense_blocks
 
-        x, stats = run_layers(x, self.blocks, positions, segment_ids, layer_rngs)  # stats: [n_layers, ...]
-        return ModelOutput(self._head(x).astype(jnp.float32), self._aux(stats, capture_routing))
+    def _run_layers(self, x: jax.Array, per_layer: Any, layer: Callable, remat: bool = False
+                    ) -> tuple[jax.Array, Any, dict[bool, Any]]:
+        """Run every layer in order, as the plan's segments, one jax.lax.scan each.
+
+        per_layer: a pytree of [n_layers, ...] arrays (or None); each layer gets its slice.
+        layer(block, x, inputs) -> (x, out, stats): `out` has one structure for every layer and
+        comes back stacked [n_layers, ...] in layer order; `stats` may differ between sparse and
+        dense layers and comes back per kind, {sparse: stacked [layers of that kind, ...]}.
+        """
+        kinds = sorted({kind for seg in self.segments for kind in seg.unit})
+        split = {kind: nnx.split(self._stack(kind)) for kind in kinds}
+
+        def apply(kind: bool) -> Callable:
+            graphdef = split[kind][0]
+
+            def run(state: Any, x: jax.Array, inputs: Any):
+                return layer(nnx.merge(graphdef, state), x, inputs)
+            # Checkpoint each layer; prevent_cse is unnecessary inside a scan.
+            return jax.checkpoint(run, policy=self.remat_policy, prevent_cse=False) if remat else run
+
+        runs = {kind: apply(kind) for kind in kinds}
+        cursor = dict.fromkeys(kinds, 0)
+        outs, stats = [], {kind: [] for kind in kinds}
+        for seg in self.segments:
+            size, repeats = len(seg.unit), seg.repeats
+            states = {}
+            for kind in kinds:
+                n = seg.count(kind)
+                if n:
+                    lo = cursor[kind]
+                    states[kind] = jax.tree.map(
+                        lambda a, lo=lo, n=n: a[lo:lo + repeats * n].reshape(repeats, n, *a.shape[1:]), split[kind][1])
+                    cursor[kind] += repeats * n
+            inputs = jax.tree.map(lambda a: a[seg.start:seg.start + seg.layers].reshape(repeats, size, *a.shape[1:]),
+                                  per_layer)
+
+            def unit(x: jax.Array, xs: tuple, seg=seg) -> tuple[jax.Array, tuple]:
+                unit_states, unit_inputs = xs
+                seen = dict.fromkeys(kinds, 0)
+                unit_outs, unit_stats = [], {kind: [] for kind in kinds}
+                for j, kind in enumerate(seg.unit):
+                    state = jax.tree.map(lambda a, i=seen[kind]: a[i], unit_states[kind])
+                    seen[kind] += 1
+                    x, out, st = runs[kind](state, x, jax.tree.map(lambda a, j=j: a[j], unit_inputs))
+                    unit_outs.append(out)
+                    unit_stats[kind].append(st)
+                stack = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items)  # noqa: E731
+                return x, (stack(unit_outs), {kind: stack(v) for kind, v in unit_stats.items() if v})
+
+            unroll = max(1, min(repeats, self.scan_unroll // size))
+            x, (out, st) = jax.lax.scan(unit, x, (states, inputs), unroll=unroll)
+            outs.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out))
+            for kind, value in st.items():
+                stats[kind].append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), value))
+        concat = lambda parts: jax.tree.map(lambda *a: jnp.concatenate(a), *parts)  # noqa: E731
+        return x, concat(outs), {kind: concat(parts) for kind, parts in stats.items() if parts}
 
     def _aux(self, stats: dict[str, jax.Array], capture_routing: bool) -> dict[str, jax.Array]:
         """The model's aux outputs from the layers' stats stacked [n_layers, ...]: losses and
@@ -208,10 +271,9 @@ class Transformer(nnx.Module):
         the same call; logits equal those of __call__ over the whole sequence so far."""
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata=LAYER_METADATA, unroll=self.scan_unroll)
-        def run_layers(x: jax.Array, block: Block, pos: jax.Array, layer_cache: KVCache):
-            return block.decode(x, pos, layer_cache)
+        def layer(block: Block, x: jax.Array, layer_cache: KVCache) -> tuple[jax.Array, KVCache, None]:
+            x, layer_cache = block.decode(x, positions, layer_cache)
+            return x, layer_cache, None
 
-        x, cache = run_layers(x, self.blocks, positions, cache)
+        x, cache, _ = self._run_layers(x, cache, layer)
         return self._head(x).astype(jnp.float32), cache

@@ -36,15 +36,17 @@ class FlopsPerToken:
 
 
 def matmul_params_per_token(cfg: ModelConfig) -> int:
-    """Attention projections, the FFN a token uses (k of E experts + router), and the LM head.
-    The input embedding is a lookup, not a matmul, so it is not counted (tied or not)."""
+    """Attention projections, the FFN a token uses, and the LM head. A sparse layer's FFN is the
+    router, k routed experts and the shared experts (with their gate); a dense layer's, the
+    dense MLP. The input embedding is a lookup, not a matmul, so it is not counted (tied or not)."""
     attention = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    expert = 3 * cfg.dim * cfg.hidden_dim
-    if cfg.moe.num_experts > 0:
-        ffn = cfg.moe.top_k * expert + cfg.dim * cfg.moe.num_experts
-    else:
-        ffn = expert
-    return cfg.n_layers * (attention + ffn) + cfg.dim * cfg.vocab_size
+    dense_ffn = 3 * cfg.dim * cfg.hidden_dim
+    moe = cfg.moe
+    sparse_ffn = (moe.top_k * 3 * cfg.dim * cfg.expert_width + cfg.dim * moe.num_experts
+                  + 3 * cfg.dim * cfg.shared_width + (cfg.dim if moe.shared_gate else 0))
+    n_sparse = sum(cfg.sparse_layers)
+    ffn = n_sparse * sparse_ffn + (cfg.n_layers - n_sparse) * dense_ffn
+    return cfg.n_layers * attention + ffn + cfg.dim * cfg.vocab_size
 
 
 def effective_context(seq_len: int, window: int | None) -> float:

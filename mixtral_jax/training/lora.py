@@ -20,14 +20,16 @@ from mixtral_jax.config import LoRAConfig
 from mixtral_jax.models.params import component, path_name
 
 Adapters = dict[str, dict[str, jax.Array]]
+# Vectors and the [dim, 1] shared-expert gate: nothing low-rank to add.
+NOT_ADAPTED = ("bq", "bk", "bv", "shared_gate")
 
 def _layout(name: str, ndim: int, is_moe: bool, targets: list[str]) -> tuple[int, int] | None:
     """(leading stacked axes, input axes) of a targeted weight, or None if not targeted.
-    Targets are components (models/params.py): attention, experts or mlp. wo maps
+    Targets are components (models/params.py): attention, experts, shared_experts or mlp. wo maps
     (heads, head_dim) -> dim; wq / wk / wv map dim -> (heads, head_dim); the FFN one axis to one."""
-    if component(name, is_moe) not in targets:
-        return None
     weight = name.split(".")[-1]
+    if component(name, is_moe) not in targets or weight in NOT_ADAPTED:
+        return None
     n_in = 2 if weight == "wo" else 1
     n_out = 2 if weight in ("wq", "wk", "wv") else 1
     return ndim - n_in - n_out, n_in

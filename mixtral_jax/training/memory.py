@@ -155,9 +155,10 @@ def _moe_rows_per_token(cfg: Config, mesh: dict[str, int], local_tokens: int) ->
     return x * rows / local_tokens
 
 
-def _per_token_layer(cfg: Config, mesh: dict[str, int], local_tokens: int) -> dict[str, float]:
-    """Bytes per local token per layer: `all` (everything autodiff keeps with no remat), `dots`
-    (what dots_saveable keeps) and `input` (what full remat keeps: the layer input)."""
+def _per_token_layer(cfg: Config, mesh: dict[str, int], local_tokens: int, sparse: bool) -> dict[str, float]:
+    """Bytes per local token for one layer (sparse or dense FFN): `all` (everything autodiff keeps
+    with no remat), `dots` (what dots_saveable keeps) and `input` (what full remat keeps: the
+    layer input)."""
     m = cfg.model
     dt, f32 = jnp.dtype(m.dtype).itemsize, 4
     t, d, hd = cfg.data.seq_len, m.dim, m.head_dim
@@ -167,13 +168,17 @@ def _per_token_layer(cfg: Config, mesh: dict[str, int], local_tokens: int) -> di
     scores = heads * t * f32  # plain attention materialises [T, T] scores per head
     attn_all = (4 * d + 2 * (q + 2 * kv) + q + d) * dt + 3 * scores  # scores, masked, probs
     attn_dots = (d + q + 2 * kv + q + d) * dt + scores
-    if m.is_moe:
-        h = _split(m.hidden_dim, tp)
+    if sparse:
+        h = _split(m.expert_width, tp)
         rows = _moe_rows_per_token(cfg, mesh, local_tokens)
         k = m.moe.top_k
         ffn_all = 2 * m.moe.num_experts * f32 + rows * (2 * d + 2 * h) * dt + 2 * k * d * dt
         # the grouped matmul is one custom_vjp call: dots_saveable keeps its output, not its insides
         ffn_dots = m.moe.num_experts * f32 + k * d * dt
+        if m.shared_width:  # the shared experts: a dense MLP every token passes through
+            sh = _split(m.shared_width, tp)
+            ffn_all += (4 * sh + d) * dt
+            ffn_dots += (2 * sh + d) * dt
     else:
         h = _split(m.hidden_dim, tp)
         ffn_all = (4 * h + d) * dt
@@ -192,13 +197,16 @@ def plan_memory(cfg: Config, mesh_sizes: dict[str, int]) -> MemoryPlan:
                           f"({rows_split}) x optim.grad_accum ({accum})")
     local_tokens = batch // (rows_split * accum) * cfg.data.seq_len
     params, gathered_layer, expert_grads = _param_bytes(cfg.model, abstract_mesh)
-    per_layer = _per_token_layer(cfg, mesh, local_tokens)
-    layers = cfg.model.n_layers
-    saved = per_layer[KEPT_BY_REMAT[cfg.model.remat]]
-    recompute = 0 if cfg.model.remat == "none" else per_layer["all"]  # one layer rebuilt in backward
+    kept = KEPT_BY_REMAT[cfg.model.remat]
+    saved, recompute = 0.0, 0.0
+    for sparse in cfg.model.sparse_layers:
+        per_layer = _per_token_layer(cfg, mesh, local_tokens, sparse)
+        saved += per_layer[kept]
+        if cfg.model.remat != "none":  # one layer rebuilt in backward
+            recompute = max(recompute, per_layer["all"])
     vocab = _split(cfg.model.vocab_size, mesh["tensor"])
     logits = 3 * vocab * 4  # float32 logits, their softmax and their gradient
-    activations = int(local_tokens * (layers * saved + recompute + logits))
+    activations = int(local_tokens * (saved + recompute + logits))
     workspace = (2 * gathered_layer if mesh["fsdp"] > 1 else 0) + expert_grads
     return MemoryPlan(mesh=mesh, local_tokens=local_tokens, params=params, optimizer=2 * params,
                       gradients=params * (2 if accum > 1 else 1), activations=activations, workspace=workspace)

@@ -136,7 +136,8 @@ def make_train_step(cfg: Config, graphdef: nnx.GraphDef, tx: optax.GradientTrans
             if is_moe and moe.bias_update_rate > 0:
                 # Loss-free balancing: nudge each layer's selection bias toward balance, using the
                 # load over the whole global batch, outside the gradient.
-                model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate)
+                model_state = update_router_biases(model_state, aux["expert_load"], moe.bias_update_rate,
+                                                   moe.bias_recenter)
             return optax.apply_updates(trainable, updates), opt_state, model_state
 
         # A non-finite loss or gradient drops the whole update (weights, moments, router biases).
