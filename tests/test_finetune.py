@@ -234,3 +234,22 @@ def test_lora_run_exports_merged_weights_that_transformers_loads(tmp_path, corpu
     ours = np.asarray(merged(jax.numpy.asarray(tokens)).logits)
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
     assert np.abs(ours - np.asarray(base_model(jax.numpy.asarray(tokens)).logits)).max() > 1e-3
+
+
+MODERN = ["model.n_layers=3", "model.moe.num_experts=8", "model.moe.expert_hidden_dim=16",
+          "model.moe.shared_experts=1", "model.moe.shared_gate=true", "model.moe.first_dense_layers=1",
+          "model.moe.router=sigmoid_topk", "model.moe.renormalize=true", "model.qk_norm=head", "model.qkv_bias=true",
+          "model.remat=dots_saveable"]
+
+
+def test_lora_and_remat_on_shared_experts_and_mixed_layers():
+    """LoRA adapts the routed and shared experts and the dense layer's MLP; biases and the
+    shared gate get no adapter; the adapted model trains (with remat) from the base model."""
+    cfg, mesh, program = _setup(*MODERN, "finetune.lora.rank=2",
+                                "finetune.lora.targets=[attention,experts,shared_experts,mlp]")
+    before, state, losses = _train(program, _batch(cfg, mesh), 4)
+    adapted = {name.rsplit(".", 1)[0] for name in _flat(state["adapters"])}
+    assert {"blocks.ffn.w_gate", "blocks.ffn.shared.w_up", "dense_blocks.ffn.w_down", "blocks.attn.wq"} <= adapted
+    assert not any(n.endswith(("bq", "shared_gate")) for n in adapted)
+    assert not _changed(before, _flat(state["params"]))  # base weights frozen
+    assert losses[-1] < losses[0]

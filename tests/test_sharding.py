@@ -23,6 +23,14 @@ MODELS = {
     "moe_dropless": ["model.moe.dispatch=dropless"],
     "moe_capacity": ["model.moe.dispatch=capacity", "model.moe.capacity_factor=1.0"],
     "moe_dense": ["model.moe.dispatch=dense"],
+    # the later designs: fine-grained and shared (gated) experts, a dense layer first, sigmoid
+    # group-limited routing with loss-free balancing, QK-norm and q/k/v bias
+    "moe_modern": ["model.n_layers=3", "model.moe.num_experts=8", "model.moe.top_k=3",
+                   "model.moe.expert_hidden_dim=16", "model.moe.shared_experts=1", "model.moe.shared_gate=true",
+                   "model.moe.first_dense_layers=1", "model.moe.router=sigmoid_topk", "model.moe.n_groups=4",
+                   "model.moe.topk_groups=2", "model.moe.renormalize=true", "model.moe.routed_scaling=2.0",
+                   "model.moe.bias_update_rate=0.01", "model.moe.bias_recenter=true", "model.qk_norm=head",
+                   "model.qkv_bias=true"],
 }
 MESHES = [dict(data=8), dict(fsdp=4, expert=2), dict(data=2, expert=4), dict(expert=8),
           dict(fsdp=2, tensor=2, expert=2)]
@@ -76,7 +84,8 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
 
 # Every mesh for the dense model and the MoE with each dispatch path: `dropless` and `capacity`
 # run expert-parallel (shard_map + all-to-all), `dense` is plain SPMD over the same layout.
-CASES = [(m, s) for m in MODELS for s in MESHES]
+CASES = [(m, s) for m in MODELS if m != "moe_modern" for s in MESHES]
+CASES += [("moe_modern", s) for s in (dict(expert=8), dict(fsdp=2, tensor=2, expert=2))]
 
 
 @pytest.mark.parametrize("model,sizes", CASES,
