@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Iterator, NoReturn
 
 from mixtral_jax.config import ConfigError, did_you_mean, load_config
 from mixtral_jax.config.choices import CHOICE_KEYS, SOURCE_FORMS
@@ -41,10 +42,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if summary.get("stopped_by") else 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from mixtral_jax.training.evaluate import evaluate_run
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout meanwhile (Python prints and writes to file descriptor
+    1 from native code alike) to stderr, so that a --json verb's stdout is its JSON alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
-    print(json.dumps(evaluate_run(Path(args.run), args.batches), indent=2))
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if not args.json:
+        from mixtral_jax.training.evaluate import evaluate_run
+
+        print(json.dumps(evaluate_run(Path(args.run), args.batches), indent=2))
+        return 0
+    with _stdout_to_stderr():
+        from mixtral_jax.training.evaluate import evaluate_run
+
+        result = evaluate_run(Path(args.run), args.batches)
+    # `tokens`: the target tokens the loss averages over (the same count as eval_tokens).
+    print(json.dumps({**result, "tokens": result["eval_tokens"]}))
     return 0
 
 
@@ -186,6 +211,21 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from mixtral_jax.interop.upcycle import exactness_issue, upcycle
+
+    run_dir = upcycle(Path(args.run), Path(args.out), args.overrides, args.noise)
+    model = load_config(run_dir / "config.yaml").model  # the written config, as train will read it
+    issue = exactness_issue(model.moe)
+    if issue:
+        print(f"mixtral-jax upcycle: note: the upcycled model does not compute the dense model's function at "
+              f"step 0: {issue}", file=sys.stderr)
+    print(f"upcycled {args.run} -> run directory {run_dir}: {model.moe.num_experts} experts, top-{model.moe.top_k}, "
+          f"{sum(model.sparse_layers)} of {model.n_layers} layers sparse (continue training with "
+          f"train.init_from={run_dir})")
+    return 0
+
+
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from mixtral_jax.interop.convert import export_hf
 
@@ -244,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("eval", help="held-out loss / perplexity of a run's latest checkpoint")
     evaluate.add_argument("--run", required=True, help="run directory (runs/NAME)")
     evaluate.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's train.eval_batches)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout "
+                                                              "(eval_loss, eval_ppl, tokens, step, ...; logs go to "
+                                                              "stderr)")
     evaluate.set_defaults(func=cmd_eval)
 
     gen = verbs.add_parser(
@@ -317,6 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have "
                                                                       "no checkpoints")
     import_hf.set_defaults(func=cmd_import_hf)
+
+    up = verbs.add_parser(
+        "upcycle", help="sparse upcycling: an MoE run dir whose experts start as copies of a dense run's FFN",
+        description="Write RUN from the dense run DENSE_RUN's latest weights and the MoE shape given as overrides "
+                    "(e.g. model.moe.num_experts=8 model.moe.top_k=2): attention, norms, embeddings and LM head "
+                    "copied; every expert of a sparse layer a copy of that layer's dense FFN; a fresh router; "
+                    "layers the MoE config keeps dense keep their FFN. Without --noise, and with routing weights "
+                    "that sum to 1 (topk_softmax), the new model computes the dense model's function. Continue "
+                    "training with train.init_from=RUN.")
+    up.add_argument("--run", required=True, metavar="DENSE_RUN", help="the trained dense run directory")
+    up.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have no "
+                                                                "checkpoints")
+    up.add_argument("--noise", type=float, default=0.0, metavar="STD",
+                    help="add Gaussian noise of std STD x (the std of that layer's dense matrix) to every expert "
+                         "weight, independently per expert (relative; default 0: exact copies)")
+    up.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="on top of the dense run's config: the MoE shape (model.moe.*), execution keys "
+                         "(model.dtype, remat, scan_unroll, attention_impl) and other sections' keys")
+    up.set_defaults(func=cmd_upcycle)
 
     export_hf = verbs.add_parser(
         "export-hf", help="write a run's latest weights as a Hugging Face directory",
