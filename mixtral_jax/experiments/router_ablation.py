@@ -24,7 +24,15 @@ Z = ("0", "1e-3")
 # The study's arms (config overrides per arm), not the registries of config/choices.py.
 ROUTER_ARMS = {"topk_softmax": [], "softmax_topk": ["model.moe.router=softmax_topk"],
                "expert_choice": ["model.moe.router=expert_choice"],
-               "loss_free": ["model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=1e-3"]}
+               "loss_free": ["model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=1e-3"],
+               # DeepSeek-V3: sigmoid scores, renormalised, loss-free bias re-centred, no aux loss
+               "deepseek_v3": ["model.moe.router=sigmoid_topk", "model.moe.renormalize=true",
+                               "model.moe.aux_loss_coef=0", "model.moe.bias_update_rate=1e-3",
+                               "model.moe.bias_recenter=true"],
+               # DeepSeekMoE / Qwen2-MoE: one shared expert of the routed experts' width beside them
+               "shared_expert": ["model.moe.shared_experts=1"]}
+# Left out of the default grid to keep its CPU budget; in the full grid, and one line to add here.
+OPTIONAL_ARMS = ("deepseek_v3", "shared_expert")
 DISPATCH_ARMS = {"dropless": [], **{f"capacity{f}": ["model.moe.dispatch=capacity", f"model.moe.capacity_factor={f}"]
                                     for f in ("1.0", "1.25", "2.0")}}
 # one factor at a time around the default (aux 1e-2, z 1e-3, topk_softmax, dropless)
@@ -32,7 +40,7 @@ DEFAULT_GRID: dict[str, list[str]] = {
     "default": [],
     **{f"aux{a}": [f"model.moe.aux_loss_coef={a}"] for a in AUX if a != "1e-2"},
     "z0": ["model.moe.z_loss_coef=0"],
-    **{r: o for r, o in ROUTER_ARMS.items() if r != "topk_softmax"},
+    **{r: o for r, o in ROUTER_ARMS.items() if r != "topk_softmax" and r not in OPTIONAL_ARMS},
     **{d: o for d, o in DISPATCH_ARMS.items() if d != "dropless"},
 }
 SMOKE_GRID = ("default", "aux0", "loss_free", "expert_choice", "capacity1.0")
@@ -43,7 +51,7 @@ FINAL_WINDOW = 5  # router metrics: mean of the last 5 logged records (the end o
 def full_grid() -> dict[str, list[str]]:
     grid = {}
     for aux, z, (router, r_o), (dispatch, d_o) in itertools.product(AUX, Z, ROUTER_ARMS.items(), DISPATCH_ARMS.items()):
-        aux_o = [] if router == "loss_free" else [f"model.moe.aux_loss_coef={aux}"]
+        aux_o = [] if router in ("loss_free", "deepseek_v3") else [f"model.moe.aux_loss_coef={aux}"]
         grid[f"aux{aux}_z{z}_{router}_{dispatch}"] = [*aux_o, f"model.moe.z_loss_coef={z}", *r_o, *d_o]
     return grid
 
@@ -128,7 +136,7 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full: boo
         "## Finding\n\n" + finding,
         "## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots),
         "## Full grid\n\n`mixtral-jax experiment router_ablation --full` runs aux_loss_coef in {0, 1e-3, 1e-2, "
-        "1e-1} x z_loss_coef in {0, 1e-3} x router in {topk_softmax, softmax_topk, expert_choice, loss-free bias} "
-        "x dispatch in {dropless, capacity 1.0 / 1.25 / 2.0}: 128 runs (sized for a GPU).",
+        "1e-1} x z_loss_coef in {0, 1e-3} x router in {topk_softmax, softmax_topk, expert_choice, loss-free bias, DeepSeek-V3, a shared "
+        "expert} x dispatch in {dropless, capacity 1.0 / 1.25 / 2.0}: 192 runs (sized for a GPU).",
     ]
     return report.write_report(out / "report.md", sections)

@@ -78,6 +78,17 @@ class Block(nnx.Module):
         return x + y.astype(x.dtype), cache
 
 
+def _units(stacked: jax.Array, start: int, repeats: int, size: int) -> jax.Array:
+    """Rows start .. start + repeats * size of a stacked array as [repeats, size, ...], or as
+    [repeats, ...] when size is 1. A stack taken whole is not sliced, and one-layer units are
+    not reshaped: the scan then reads the parameters themselves, and its backward pass reads
+    them again rather than keeping a copy (measured: +18% temp memory under full remat)."""
+    rows = repeats * size
+    if not (start == 0 and rows == stacked.shape[0]):
+        stacked = jax.lax.slice_in_dim(stacked, start, start + rows)
+    return stacked if size == 1 else stacked.reshape(repeats, size, *stacked.shape[1:])
+
+
 class ModelOutput(NamedTuple):
     """`logits, aux = model(tokens)` unpacks it; `model(tokens).logits` reads like HF's outputs."""
 
@@ -163,38 +174,45 @@ class Transformer(nnx.Module):
         # One key per layer, scanned with the blocks (None scans as an empty pytree).
         layer_rngs = None if router_rng is None else jax.random.split(router_rng, self.n_layers)
 
-        def layer(block: Block, x: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, None, dict]:
-            x, stats = block(x, positions, segment_ids, rng, capture_routing)
+        def layer(block: Block, x: jax.Array, rng: jax.Array | None, pos: jax.Array, seg: jax.Array
+                  ) -> tuple[jax.Array, None, dict]:
+            x, stats = block(x, pos, seg, rng, capture_routing)
             return constrain(x, RESIDUAL), None, stats
 
-        x, _, stats = self._run_layers(x, layer_rngs, layer, remat=self.remat != "none")
+        x, _, stats = self._run_layers(x, layer_rngs, layer, (positions, segment_ids), remat=self.remat != "none")
         return ModelOutput(self._head(x).astype(jnp.float32), self._aux(stats[self.is_moe], capture_routing))
 
     def _stack(self, sparse: bool) -> nnx.Module:
         """The stacked blocks of one kind of layer."""
         return self.blocks if sparse == self.is_moe else self.dense_blocks
 
-    def _run_layers(self, x: jax.Array, per_layer: Any, layer: Callable, remat: bool = False
+    def _run_layers(self, x: jax.Array, per_layer: Any, layer: Callable, shared: tuple = (), remat: bool = False
                     ) -> tuple[jax.Array, Any, dict[bool, Any]]:
         """Run every layer in order, as the plan's segments, one jax.lax.scan each.
 
         per_layer: a pytree of [n_layers, ...] arrays (or None); each layer gets its slice.
-        layer(block, x, inputs) -> (x, out, stats): `out` has one structure for every layer and
+        shared: arrays every layer takes whole, passed as arguments (not closed over) so that a
+        rematerialised layer recomputes what it derives from them.
+        layer(block, x, inputs, *shared) -> (x, out, stats): `out` has one structure for every layer and
         comes back stacked [n_layers, ...] in layer order; `stats` may differ between sparse and
         dense layers and comes back per kind, {sparse: stacked [layers of that kind, ...]}.
         """
         kinds = sorted({kind for seg in self.segments for kind in seg.unit})
         split = {kind: nnx.split(self._stack(kind)) for kind in kinds}
 
-        def apply(kind: bool) -> Callable:
+        def apply(kind: bool, index: int, position: int, single_of_kind: bool, single_layer: bool) -> Callable:
+            """Layer `position` of a unit: the `index`-th of its kind. It takes the whole unit's
+            slices and picks its own inside, so that under remat the saved inputs are the scan's
+            slices of the stacks, which the backward pass reads again, not copies of the weights."""
             graphdef = split[kind][0]
 
-            def run(state: Any, x: jax.Array, inputs: Any):
-                return layer(nnx.merge(graphdef, state), x, inputs)
+            def run(unit_state: Any, x: jax.Array, unit_inputs: Any, *shared: jax.Array):
+                state = unit_state if single_of_kind else jax.tree.map(lambda a: a[index], unit_state)
+                inputs = unit_inputs if single_layer else jax.tree.map(lambda a: a[position], unit_inputs)
+                return layer(nnx.merge(graphdef, state), x, inputs, *shared)
             # Checkpoint each layer; prevent_cse is unnecessary inside a scan.
             return jax.checkpoint(run, policy=self.remat_policy, prevent_cse=False) if remat else run
 
-        runs = {kind: apply(kind) for kind in kinds}
         cursor = dict.fromkeys(kinds, 0)
         outs, stats = [], {kind: [] for kind in kinds}
         for seg in self.segments:
@@ -204,10 +222,9 @@ class Transformer(nnx.Module):
                 n = seg.count(kind)
                 if n:
                     lo = cursor[kind]
-                    states[kind] = jax.tree.map(
-                        lambda a, lo=lo, n=n: a[lo:lo + repeats * n].reshape(repeats, n, *a.shape[1:]), split[kind][1])
+                    states[kind] = jax.tree.map(lambda a, lo=lo, n=n: _units(a, lo, repeats, n), split[kind][1])
                     cursor[kind] += repeats * n
-            inputs = jax.tree.map(lambda a: a[seg.start:seg.start + seg.layers].reshape(repeats, size, *a.shape[1:]),
+            inputs = jax.tree.map(lambda a: _units(a, seg.start, repeats, size),
                                   per_layer)
 
             def unit(x: jax.Array, xs: tuple, seg=seg) -> tuple[jax.Array, tuple]:
@@ -215,9 +232,9 @@ class Transformer(nnx.Module):
                 seen = dict.fromkeys(kinds, 0)
                 unit_outs, unit_stats = [], {kind: [] for kind in kinds}
                 for j, kind in enumerate(seg.unit):
-                    state = jax.tree.map(lambda a, i=seen[kind]: a[i], unit_states[kind])
+                    run = apply(kind, seen[kind], j, seg.count(kind) == 1, len(seg.unit) == 1)
+                    x, out, st = run(unit_states[kind], x, unit_inputs, *shared)
                     seen[kind] += 1
-                    x, out, st = runs[kind](state, x, jax.tree.map(lambda a, j=j: a[j], unit_inputs))
                     unit_outs.append(out)
                     unit_stats[kind].append(st)
                 stack = lambda items: jax.tree.map(lambda *a: jnp.stack(a), *items)  # noqa: E731
@@ -225,7 +242,7 @@ class Transformer(nnx.Module):
 
             unroll = max(1, min(repeats, self.scan_unroll // size))
             x, (out, st) = jax.lax.scan(unit, x, (states, inputs), unroll=unroll)
-            outs.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out))
+            outs.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out))  # [repeats, size, ...] -> layers
             for kind, value in st.items():
                 stats[kind].append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), value))
         concat = lambda parts: jax.tree.map(lambda *a: jnp.concatenate(a), *parts)  # noqa: E731
