@@ -1,9 +1,11 @@
-"""Import and export Hugging Face `MistralForCausalLM` / `MixtralForCausalLM` weights.
+"""Import and export Hugging Face checkpoints: Mistral, Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, Dots1.
 
 Why a hand-written mapping: our layout differs from HF's on purpose (layers stacked on a leading
-axis for nnx.scan; attention weights [dim, heads, head_dim] so heads can be sharded; experts
-stacked [E, in, out]), while HF stores one torch Linear per layer as [out, in]. Every weight is
-mapped explicitly here, and the tests check logit parity against transformers itself.
+axis for nnx.scan, an MoE model's sparse and dense layers in two stacks; attention weights
+[dim, heads, head_dim] so heads can be sharded; experts stacked [E, in, out]), while HF stores one
+torch Linear per layer as [out, in]. Every weight is mapped explicitly (hf_tensors.py), each
+architecture's config fields too (hf_archs.py, one table entry per architecture), and the tests
+check logit parity against transformers itself.
 
 No torch here: files are read and written with the safetensors numpy API. numpy has no
 bfloat16, which that API cannot hand back, so BF16 tensors are memory-mapped from the file's
@@ -31,47 +33,36 @@ from safetensors.numpy import save_file
 
 from mixtral_jax.config import ModelConfig, MoEConfig
 from mixtral_jax.config.choices import DTYPES
+from mixtral_jax.interop.hf_archs import ARCHS, arch_for, arch_for_hf, field
+from mixtral_jax.interop.hf_tensors import is_fused, layer_rules
+from mixtral_jax.models.layer_plan import stack_index
 from mixtral_jax.models.routing import RouterBias
 from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.rules import state_shardings
 
-ARCHITECTURES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}
-_REQUIRED = object()
+ARCHITECTURES = {a.model_type: a.architecture for a in ARCHS.values()}  # model_type -> transformers class
+_field = field
 
 
 # ---------------------------------------------------------------- config
 
 
-def _field(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
-    value = hf.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise ValueError(f"HF config field '{key}' is missing")
-        return default
-    return value
-
-
 def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
-    """An HF Mistral / Mixtral config.json dict -> a ModelConfig whose forward equals HF's.
+    """An HF config.json dict -> a ModelConfig whose forward equals HF's.
 
-    Mixtral routes softmax -> top-k -> renormalise, which is our `topk_softmax` (softmax over the
-    k selected logits), with the dropless dispatcher (HF never drops tokens). Anything our model
-    cannot reproduce exactly raises ValueError naming the HF field.
+    The fields every architecture shares are read here, the rest by its hf_archs table entry.
+    MoE models use the dropless dispatcher (HF never drops tokens). Anything our model cannot
+    reproduce exactly raises ValueError naming the HF field.
     """
     hf = dict(hf_config)
-    model_type = _field(hf, "model_type")
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"HF config field 'model_type': '{model_type}' is not supported "
-                         f"(supported: {', '.join(ARCHITECTURES)})")
-    for arch in hf.get("architectures") or []:
-        if arch != ARCHITECTURES[model_type]:
-            raise ValueError(f"HF config field 'architectures': '{arch}' is not supported "
-                             f"(expected {ARCHITECTURES[model_type]})")
-    if _field(hf, "hidden_act", "silu") != "silu":
+    arch = arch_for_hf(hf)
+    if field(hf, "hidden_act", "silu") != "silu":
         raise ValueError(f"HF config field 'hidden_act': '{hf['hidden_act']}' is not supported (only silu)")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise ValueError(f"HF config field '{flag}': biases are not supported")
+    if hf.get("mlp_bias"):
+        raise ValueError("HF config field 'mlp_bias': biases are not supported")
+    if hf.get("attention_bias"):
+        raise ValueError("HF config field 'attention_bias': biases on every attention projection are not supported "
+                         "(only q/k/v biases, Qwen2-MoE's qkv_bias)")
     if hf.get("rope_scaling"):
         raise ValueError("HF config field 'rope_scaling': RoPE scaling is not supported")
     rope = hf.get("rope_parameters") or {}
@@ -81,7 +72,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     if theta is None:
         raise ValueError("HF config field 'rope_theta' is missing")
 
-    dim, heads = int(_field(hf, "hidden_size")), int(_field(hf, "num_attention_heads"))
+    dim, heads = int(field(hf, "hidden_size")), int(field(hf, "num_attention_heads"))
     head_dim = hf.get("head_dim")  # absent: ModelConfig resolves it as hidden_size // heads
     if head_dim is None and dim % heads:
         raise ValueError(f"HF config field 'head_dim' is missing and hidden_size ({dim}) "
@@ -89,96 +80,45 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"HF config field 'dtype': '{dtype}' is not supported (one of {', '.join(DTYPES.names)})")
-
-    moe = MoEConfig(num_experts=0, z_loss_coef=0.0)
-    if model_type == "mixtral":
-        e, k = int(_field(hf, "num_local_experts")), int(_field(hf, "num_experts_per_tok"))
-        if not 1 <= k <= e:
-            raise ValueError(f"HF config field 'num_experts_per_tok': {k} must be in [1, num_local_experts={e}]")
-        # HF's balancing loss is top_k times ours for one layer (see routing.py): same gradient scale.
-        moe = MoEConfig(num_experts=e, top_k=k, router="topk_softmax", renormalize=True, dispatch="dropless",
-                        aux_loss_coef=float(_field(hf, "router_aux_loss_coef", 0.001)) * k, z_loss_coef=0.0,
-                        jitter=float(_field(hf, "router_jitter_noise", 0.0)))
-    window = hf.get("sliding_window")
+    specific = arch.read(hf)
+    moe = specific.pop("moe", None) or MoEConfig(num_experts=0, z_loss_coef=0.0)
+    defaults = {"rms_norm_eps": 1e-5, "max_position_embeddings": 32768, **arch.defaults}
     return ModelConfig(
-        vocab_size=int(_field(hf, "vocab_size")), dim=dim, n_layers=int(_field(hf, "num_hidden_layers")),
-        n_heads=heads, n_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
+        vocab_size=int(field(hf, "vocab_size")), dim=dim, n_layers=int(field(hf, "num_hidden_layers")),
+        n_heads=heads, n_kv_heads=int(field(hf, "num_key_value_heads", heads)),
         head_dim=None if head_dim is None else int(head_dim),
-        hidden_dim=int(_field(hf, "intermediate_size")), norm_eps=float(_field(hf, "rms_norm_eps", 1e-5)),
-        rope_theta=float(theta), sliding_window=None if window is None else int(window),
-        max_seq_len=int(_field(hf, "max_position_embeddings", 32768)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=dtype, moe=moe)
+        norm_eps=float(field(hf, "rms_norm_eps", defaults["rms_norm_eps"])), rope_theta=float(theta),
+        max_seq_len=int(field(hf, "max_position_embeddings", defaults["max_position_embeddings"])),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=dtype, moe=moe,
+        **specific)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The HF config.json dict for cfg; ValueError (naming our key) if HF cannot run it exactly."""
-    moe = cfg.moe
-    head_dim = cfg.head_dim
-    out: dict[str, Any] = {
+    """The HF config.json dict for cfg, in the one architecture that can run it (hf_archs.arch_for);
+    ValueError naming our key if none can run it exactly."""
+    arch = arch_for(cfg)
+    specific = arch.write(cfg)
+    return {
+        "architectures": [arch.architecture], "model_type": arch.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": head_dim,
-        "intermediate_size": cfg.hidden_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "sliding_window": cfg.sliding_window,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
-        "dtype": cfg.param_dtype, "attention_dropout": 0.0, "use_cache": True,
+        "dtype": cfg.param_dtype, "attention_dropout": 0.0, "use_cache": True, **specific,
     }
-    if not cfg.is_moe:
-        return {"architectures": [ARCHITECTURES["mistral"]], "model_type": "mistral", **out}
-    if not (moe.router == "topk_softmax" or (moe.router == "softmax_topk" and moe.renormalize)):
-        raise ValueError(f"model.moe.router '{moe.router}' (renormalize={moe.renormalize}) has no HF Mixtral "
-                         "equivalent; Mixtral is topk_softmax")
-    if moe.dispatch == "capacity":
-        raise ValueError("model.moe.dispatch 'capacity' drops tokens; HF Mixtral is dropless")
-    if moe.bias_update_rate > 0:
-        raise ValueError("model.moe.bias_update_rate > 0: HF Mixtral has no router selection bias")
-    return {"architectures": [ARCHITECTURES["mixtral"]], "model_type": "mixtral", **out,
-            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-            "router_aux_loss_coef": moe.aux_loss_coef / moe.top_k, "router_jitter_noise": moe.jitter,
-            "output_router_logits": False}
 
 
 # ---------------------------------------------------------------- weight mapping
 
-Getter = Callable[[Mapping[str, np.ndarray], int], np.ndarray]  # (HF tensors, layer) -> our layer slice
-
-
-def _layer_getters(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], Getter]:
-    """Our stacked parameter path -> how to build one layer of it from HF tensors.
-
-    HF Linear weights are [out, in] (y = x W^T); ours are [in, out...], hence the transposes.
-    Mixtral experts: either the per-expert w1 (gate) / w3 (up) / w2 (down) layout that
-    save_pretrained writes, or transformers 5.x's fused in-memory `mlp.experts.gate_up_proj`
-    [E, 2I, dim] (gate rows first) and `down_proj` [E, dim, I].
-    """
-    d, h, kv, i = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim
-    hd = cfg.head_dim
-    a = "model.layers.{}.self_attn."
-    g: dict[tuple[str, ...], Getter] = {
-        ("blocks", "attn", "wq"): lambda t, l: t[a.format(l) + "q_proj.weight"].T.reshape(d, h, hd),
-        ("blocks", "attn", "wk"): lambda t, l: t[a.format(l) + "k_proj.weight"].T.reshape(d, kv, hd),
-        ("blocks", "attn", "wv"): lambda t, l: t[a.format(l) + "v_proj.weight"].T.reshape(d, kv, hd),
-        ("blocks", "attn", "wo"): lambda t, l: t[a.format(l) + "o_proj.weight"].T.reshape(h, hd, d),
-        ("blocks", "attn_norm", "weight"): lambda t, l: t[f"model.layers.{l}.input_layernorm.weight"],
-        ("blocks", "ffn_norm", "weight"): lambda t, l: t[f"model.layers.{l}.post_attention_layernorm.weight"],
-    }
-    if not cfg.is_moe:
-        for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-            g[("blocks", "ffn", ours)] = lambda t, l, n=theirs: t[f"model.layers.{l}.mlp.{n}.weight"].T
-        return g
-    e = cfg.moe.num_experts
-    if "model.layers.0.mlp.experts.gate_up_proj" in tensors:
-        m = "model.layers.{}.mlp."
-        g[("blocks", "ffn", "router")] = lambda t, l: t[m.format(l) + "gate.weight"].T
-        g[("blocks", "ffn", "w_gate")] = lambda t, l: t[m.format(l) + "experts.gate_up_proj"][:, :i].transpose(0, 2, 1)
-        g[("blocks", "ffn", "w_up")] = lambda t, l: t[m.format(l) + "experts.gate_up_proj"][:, i:].transpose(0, 2, 1)
-        g[("blocks", "ffn", "w_down")] = lambda t, l: t[m.format(l) + "experts.down_proj"].transpose(0, 2, 1)
-        return g
-    m = "model.layers.{}.block_sparse_moe."
-    g[("blocks", "ffn", "router")] = lambda t, l: t[m.format(l) + "gate.weight"].T
-    for ours, theirs in (("w_gate", "w1"), ("w_up", "w3"), ("w_down", "w2")):
-        g[("blocks", "ffn", ours)] = lambda t, l, n=theirs: np.stack(
-            [t[m.format(l) + f"experts.{x}.{n}.weight"].T for x in range(e)])
-    return g
+def _stacks(cfg: ModelConfig) -> dict[str, tuple[bool, list[int]]]:
+    """Stack name -> (sparse, the HF layer index of each entry in stack order): `blocks` holds an MoE
+    model's sparse layers (every layer of a dense model), `dense_blocks` its dense ones."""
+    index = stack_index(cfg.sparse_layers)
+    layers = {kind: [l for l, (s, _) in enumerate(index) if s == kind] for kind in (True, False)}
+    stacks = {"blocks": (cfg.is_moe, layers[cfg.is_moe])}
+    if cfg.is_moe:
+        stacks["dense_blocks"] = (False, layers[False])
+    return stacks
 
 
 def _abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -186,73 +126,93 @@ def _abstract_params(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
     return nnx.split(abstract, nnx.Param, ...)
 
 
-def state_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, mesh: Mesh | None = None) -> nnx.State:
-    """HF tensors (a dict, or the lazy reader `load` uses) -> our nnx.Param state for cfg.
+def _read_state(abstract: nnx.State, tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
+                mesh: Mesh | None) -> nnx.State:
+    """Fill an abstract state (Params, or the rest: RouterBias) from HF tensors.
 
-    Each stacked parameter is filled layer by layer into one preallocated numpy array, then
-    moved to jax before the next one is built, so at most one parameter is held twice. With a
-    mesh each parameter goes straight to its shards under the logical-axis rules (FSDP / expert),
-    so the model is spread over the devices as it is read rather than gathered on one.
+    Each stacked array is filled layer by layer into one preallocated numpy array, then moved to
+    jax before the next one is built, so at most one parameter is held twice. With a mesh each
+    goes straight to its shards under the logical-axis rules (FSDP / expert), so the model is
+    spread over the devices as it is read rather than gathered on one.
     """
-    _, params, _ = _abstract_params(cfg)
-    shardings = dict(nnx.to_flat_state(state_shardings(params, mesh))) if mesh is not None else {}
-    getters = _layer_getters(cfg, tensors)
+    shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh))) if mesh is not None else {}
+    arch, stacks, fused = arch_for(cfg), _stacks(cfg), is_fused(tensors, cfg)
+    rules = {kind: layer_rules(arch, cfg, kind, fused) for kind in (True, False)}
     top: dict[tuple[str, ...], Callable[[], np.ndarray]] = {
         ("embed",): lambda: tensors["model.embed_tokens.weight"],
         ("final_norm", "weight"): lambda: tensors["model.norm.weight"],
         ("lm_head",): lambda: tensors["lm_head.weight"].T,
     }
     flat = []
-    for key, var in nnx.to_flat_state(params):
+    for key, var in nnx.to_flat_state(abstract):
         path = tuple(str(p) for p in key)
         shape, dtype = tuple(var.shape), np.dtype(var.dtype)
+        name = "/".join(path)
         try:
-            if path in getters:
-                value = np.empty(shape, dtype)
-                for layer in range(cfg.n_layers):
-                    value[layer] = getters[path](tensors, layer)
-            else:
+            if path[0] in stacks:
+                sparse, layers = stacks[path[0]]
+                rule = rules[sparse].get(path[1:])
+                value = np.zeros(shape, dtype)
+                if rule is None and not isinstance(var, RouterBias):  # a bias the architecture lacks stays 0
+                    raise ValueError(f"no HF {arch.title} tensor maps to {name}")
+                for j, layer in enumerate(layers if rule is not None else ()):
+                    value[j] = rule.read(tensors, layer, shape[1:])
+            elif path in top:
                 value = np.asarray(top[path](), dtype)
+            else:
+                raise ValueError(f"no HF {arch.title} tensor maps to {name}")
         except KeyError as err:
-            raise ValueError(f"HF weights lack tensor {err} (needed for {'/'.join(path)})") from None
+            raise ValueError(f"HF weights lack tensor {err} (needed for {name})") from None
         if value.shape != shape:
-            raise ValueError(f"{'/'.join(path)}: HF weights give shape {value.shape}, config expects {shape}")
+            raise ValueError(f"{name}: HF weights give shape {value.shape}, config expects {shape}")
         placed = jax.device_put(value, shardings[key].get_value()) if key in shardings else jnp.asarray(value)
         flat.append((key, var.replace(placed)))
         del value
     return nnx.from_flat_state(flat)
 
 
-def state_to_hf(model_or_params: nnx.Module | nnx.State, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Our model (or its nnx.Param state) -> HF tensor names and [out, in] arrays, in the
-    per-expert w1/w2/w3 layout that transformers' save_pretrained writes and from_pretrained reads."""
+def state_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, mesh: Mesh | None = None) -> nnx.State:
+    """HF tensors (a dict, or the lazy reader `load` uses) -> our nnx.Param state for cfg
+    (placed over mesh's devices as read, when given)."""
+    return _read_state(_abstract_params(cfg)[1], tensors, cfg, mesh)
+
+
+def model_state_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, mesh: Mesh | None = None) -> nnx.State:
+    """The model state that is not Params: the router selection bias (Dots1's
+    e_score_correction_bias; zeros for an architecture without one)."""
+    return _read_state(_abstract_params(cfg)[2], tensors, cfg, mesh)
+
+
+def state_to_hf(model_or_state: nnx.Module | nnx.State, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Our model (or its state: the Params, plus any RouterBias) -> HF tensor names and [out, in]
+    arrays, in the per-expert layout that transformers' save_pretrained writes and
+    from_pretrained reads."""
     config_to_hf(cfg)  # refuses settings HF cannot reproduce
-    if isinstance(model_or_params, nnx.Module):
-        for _, var in nnx.to_flat_state(nnx.state(model_or_params, RouterBias)):
-            if np.any(np.asarray(var[...]) != 0):
-                raise ValueError("the model has a non-zero router_bias, which HF Mixtral cannot represent")
-        model_or_params = nnx.state(model_or_params, nnx.Param)
-    p = {tuple(str(x) for x in path): np.asarray(var[...]) for path, var in nnx.to_flat_state(model_or_params)}
-    d = cfg.dim
-    out = {"model.embed_tokens.weight": p[("embed",)], "model.norm.weight": p[("final_norm", "weight")]}
+    arch, stacks = arch_for(cfg), _stacks(cfg)
+    state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
+    p, bias = {}, {}
+    for path, var in nnx.to_flat_state(state):
+        if isinstance(var, (nnx.Param, RouterBias)):
+            (bias if isinstance(var, RouterBias) else p)[tuple(str(x) for x in path)] = np.asarray(var[...])
+    if arch.bias_name is None and any(np.any(v != 0) for v in bias.values()):
+        raise ValueError(f"the model has a non-zero router_bias, which HF {arch.title} cannot represent")
+    if arch.bias_name is not None and not bias:
+        if cfg.moe.selection_bias or cfg.moe.bias_update_rate > 0:
+            raise ValueError("the config has a router_bias, which a Param-only state lacks: pass the model")
+        bias = {("blocks", "ffn", "router_bias"): np.zeros((len(stacks["blocks"][1]), cfg.moe.num_experts), np.float32)}
+    if arch.bias_name is not None:
+        p.update(bias)
+    out = {"model.embed_tokens.weight": p.pop(("embed",)), "model.norm.weight": p.pop(("final_norm", "weight"))}
     if not cfg.tie_embeddings:
-        out["lm_head.weight"] = p[("lm_head",)].T
-    for l in range(cfg.n_layers):
-        a, b = f"model.layers.{l}.self_attn.", f"model.layers.{l}."
-        for proj, key in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv")):
-            out[a + proj + ".weight"] = p[("blocks", "attn", key)][l].reshape(d, -1).T
-        out[a + "o_proj.weight"] = p[("blocks", "attn", "wo")][l].reshape(-1, d).T
-        out[b + "input_layernorm.weight"] = p[("blocks", "attn_norm", "weight")][l]
-        out[b + "post_attention_layernorm.weight"] = p[("blocks", "ffn_norm", "weight")][l]
-        ffn = {k: p[("blocks", "ffn", k)][l] for k in ("w_gate", "w_up", "w_down")}
-        if not cfg.is_moe:
-            for theirs, ours in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
-                out[f"{b}mlp.{theirs}.weight"] = ffn[ours].T
-            continue
-        out[f"{b}block_sparse_moe.gate.weight"] = p[("blocks", "ffn", "router")][l].T
-        for x in range(cfg.moe.num_experts):
-            for theirs, ours in (("w1", "w_gate"), ("w3", "w_up"), ("w2", "w_down")):
-                out[f"{b}block_sparse_moe.experts.{x}.{theirs}.weight"] = ffn[ours][x].T
+        out["lm_head.weight"] = p.pop(("lm_head",)).T
+    rules = {kind: layer_rules(arch, cfg, kind) for kind in (True, False)}
+    for path, value in p.items():
+        sparse, layers = stacks[path[0]]
+        rule = rules[sparse].get(path[1:])
+        if rule is None:
+            raise ValueError(f"{'/'.join(path)} has no HF {arch.title} tensor")
+        for j, layer in enumerate(layers):
+            out.update(rule.write(value[j], layer))
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -310,9 +270,10 @@ def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     if dtype is not None:
         cfg.dtype = cfg.param_dtype = dtype
-    graphdef, _, rest = _abstract_params(cfg)
-    params = state_from_hf(_SafetensorsDir(path), cfg, mesh)
-    return nnx.merge(graphdef, params, rest), cfg
+    graphdef, abstract_params, abstract_rest = _abstract_params(cfg)
+    tensors = _SafetensorsDir(path)
+    params = _read_state(abstract_params, tensors, cfg, mesh)
+    return nnx.merge(graphdef, params, _read_state(abstract_rest, tensors, cfg, mesh)), cfg
 
 
 def _save_bf16(tensors: dict[str, np.ndarray], file: Path) -> None:
