@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--out", help="folder for the runs and report (default runs/NAME)")
     experiment.add_argument("--smoke", action="store_true", help="tiny runs (seconds each): checks the whole "
                                                                  "pipeline, not the science")
-    experiment.add_argument("--full", action="store_true", help="router_ablation: the whole grid (128 runs, for a "
+    experiment.add_argument("--full", action="store_true", help="router_ablation: the whole grid (192 runs, for a "
                                                                 "GPU) instead of one factor at a time")
     experiment.add_argument("--full-scale", action="store_true", help="the accelerator-sized configs in "
                                                                       "experiments/NAME/full_scale/ (GPU / TPU)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -29,9 +30,38 @@ from mixtral_jax.training.checkpoint import WEIGHTS, Checkpointer
 TOKENIZER = "tokenizer.model"
 
 
-def _has_checkpoints(run_dir: Path) -> bool:
+def has_checkpoints(run_dir: Path) -> bool:
     ckpt_dir = run_dir / "checkpoints"
     return ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse an --out that already has checkpoints (that would mix a converted model into a
+    trained run's history) or that names no run directory."""
+    if has_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already has checkpoints; choose a new --out run directory")
+    if not run_dir.name or run_dir.name == "..":
+        raise ValueError(f"--out {run_dir}: give a run directory such as runs/NAME")
+
+
+def write_weights_run(run_dir: Path, cfg: Config, params: Any, model_state: Any, meta: dict[str, Any],
+                      tokenizer: Path | None) -> Path:
+    """A run directory holding weights only: a step-0 checkpoint of params and model state
+    (with `meta`, the provenance), the tokenizer when given, and config.yaml, written last, since a
+    directory with config.yaml is a usable run (eval reads it first). `train.init_from` starts
+    from it; there is no optimizer or data state to resume."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = {"params": params, "model_state": model_state}  # the layout Checkpointer.split_state saves
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=1, async_save=False)
+    # Checkpointer.save always writes all four items; a converted model has only weights, so save
+    # that item alone (plus `meta`) through the same manager, names and directory layout.
+    checkpointer.manager.save(0, args=ocp.args.Composite(**{
+        WEIGHTS: ocp.args.StandardSave(weights), "meta": ocp.args.JsonSave(meta)}), force=True)
+    checkpointer.close()
+    if tokenizer is not None and tokenizer.is_file():
+        shutil.copyfile(tokenizer, run_dir / TOKENIZER)
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
 
 
 def run_config(model_cfg: ModelConfig, run_dir: Path) -> Config:
@@ -70,33 +100,16 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
     else:
         raise FileNotFoundError(f"{hf_dir} has neither config.json (Hugging Face layout) nor "
                                 f"{mistral_format.PARAMS} (original Mistral layout)")
-    if _has_checkpoints(run_dir):
-        raise ValueError(f"{run_dir} already has checkpoints; choose a new --out run directory")
-    if not run_dir.name or run_dir.name == "..":
-        raise ValueError(f"--out {run_dir}: give a run directory such as runs/NAME")
+    check_new_run_dir(run_dir)
 
     # Every parameter goes to its shards over all local devices as it is read (FSDP layout), so
     # no device (and on accelerators, no host) ever holds the whole model twice.
     model, model_cfg = loader(hf_dir, mesh=make_mesh(MeshConfig(data=1, fsdp=-1)))
     cfg = run_config(model_cfg, run_dir)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     _, params, model_state = nnx.split(model, nnx.Param, ...)
-    weights = {"params": params, "model_state": model_state}  # the layout Checkpointer.split_state saves
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=1, async_save=False)
-    # Checkpointer.save always writes all four items; an import has only weights, so save that
-    # item alone (plus provenance in `meta`) through the same manager, names and directory layout.
-    checkpointer.manager.save(0, args=ocp.args.Composite(**{
-        WEIGHTS: ocp.args.StandardSave(weights),
-        "meta": ocp.args.JsonSave({"imported_from": str(hf_dir.resolve()), "format": layout}),
-    }), force=True)
-    checkpointer.close()
-
-    if (hf_dir / TOKENIZER).is_file():
-        shutil.copyfile(hf_dir / TOKENIZER, run_dir / TOKENIZER)
-    # Written last: a directory with config.yaml is a usable run (eval reads it first).
-    save_config(cfg, run_dir / "config.yaml")
-    return run_dir
+    return write_weights_run(run_dir, cfg, params, model_state,
+                             {"imported_from": str(hf_dir.resolve()), "format": layout}, hf_dir / TOKENIZER)
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:

@@ -25,22 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from mixtral_jax.config import (Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, load_config, save_config,
+from mixtral_jax.config import (Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, load_config,
                                 validate)
-from mixtral_jax.interop.convert import TOKENIZER, _has_checkpoints
+from mixtral_jax.interop.convert import TOKENIZER, check_new_run_dir, write_weights_run
 from mixtral_jax.models.layer_plan import stack_index
 from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.parallel.rules import state_shardings
-from mixtral_jax.training.checkpoint import WEIGHTS, Checkpointer
 
 # Model keys that change how the model is computed, not its weights: the only non-MoE model
 # keys an upcycle may change. Everything else (shapes, norms, RoPE, window, dtype of storage)
@@ -187,10 +184,7 @@ def upcycle(dense_run: str | Path, run_dir: str | Path, overrides: list[str] | N
         raise FileNotFoundError(f"{dense_run} is not a run directory (no config.yaml)")
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"--noise {noise}: must be a finite std >= 0 (relative to each weight's std)")
-    if _has_checkpoints(run_dir):
-        raise ValueError(f"{run_dir} already has checkpoints; choose a new --out run directory")
-    if not run_dir.name or run_dir.name == "..":
-        raise ValueError(f"--out {run_dir}: give a run directory such as runs/NAME")
+    check_new_run_dir(run_dir)
     cfg = upcycle_config(dense_run, list(overrides or []), run_dir)
 
     dense_model, _, step = load_run_model(dense_run)
@@ -199,16 +193,5 @@ def upcycle(dense_run: str | Path, run_dir: str | Path, overrides: list[str] | N
                                         mesh=make_mesh(MeshConfig(data=1, fsdp=-1)))
     del dense_model, dense_params
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=1, async_save=False)
-    # Weights only, as import-hf saves them: no optimizer or data state to "resume".
-    checkpointer.manager.save(0, args=ocp.args.Composite(**{
-        WEIGHTS: ocp.args.StandardSave({"params": params, "model_state": model_state}),
-        "meta": ocp.args.JsonSave({"upcycled_from": str(dense_run.resolve()), "dense_step": step, "noise": noise,
-                                   "format": "upcycle"}),
-    }), force=True)
-    checkpointer.close()
-    if (dense_run / TOKENIZER).is_file():
-        shutil.copyfile(dense_run / TOKENIZER, run_dir / TOKENIZER)
-    save_config(cfg, run_dir / "config.yaml")  # last: a directory with config.yaml is a usable run
-    return run_dir
+    meta = {"upcycled_from": str(dense_run.resolve()), "dense_step": step, "noise": noise, "format": "upcycle"}
+    return write_weights_run(run_dir, cfg, params, model_state, meta, dense_run / TOKENIZER)
