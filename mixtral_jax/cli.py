@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_cost)
 
     import_hf = verbs.add_parser(
-        "import-hf", help="convert a Mistral / Mixtral checkpoint (Hugging Face or original release layout) "
+        "import-hf", help="convert a Mistral / Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / Dots1 checkpoint (Hugging Face or original release layout) "
                           "into a run directory",
         description="DIR is either a Hugging Face directory (config.json + *.safetensors, single or sharded) or "
                     "Mistral's original release (params.json + consolidated.safetensors or consolidated.NN.pth, "

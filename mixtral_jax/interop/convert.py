@@ -79,7 +79,8 @@ def run_config(model_cfg: ModelConfig, run_dir: Path) -> Config:
 
 
 def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
-    """Convert a Mistral / Mixtral directory into a run directory; returns run_dir.
+    """Convert a model directory (Hugging Face: Mistral, Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE,
+    Dots1; or an original Mistral release) into a run directory; returns run_dir.
 
     The layout is detected: config.json means Hugging Face (wins when both files are present,
     as in hub repos that also carry the raw release, since that path is the one HF users expect);
