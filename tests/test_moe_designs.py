@@ -283,3 +283,16 @@ def test_qk_norm_normalises_queries_before_rope():
     q, k, _ = attn._project(x, jnp.broadcast_to(jnp.arange(6), (2, 6)))
     np.testing.assert_allclose(jnp.sqrt(jnp.mean(q ** 2, -1)), 1.0, rtol=1e-4)
     np.testing.assert_allclose(jnp.sqrt(jnp.mean(k ** 2, -1)), 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dispatch", ["dense", "capacity"])
+def test_every_dispatch_path_computes_the_same_modern_block(dispatch):
+    """Fine-grained, shared and gated experts with group-limited sigmoid routing: the dense
+    reference and capacity dispatch (with room for every slot) equal dropless."""
+    cfg = dataclasses.replace(MODERN, n_layers=1)
+    x = jax.random.normal(jax.random.key(4), (2, 9, cfg.dim))
+    want, want_stats = MoEBlock(_with(cfg, dispatch="dropless"), rngs=nnx.Rngs(5))(x)
+    got, stats = MoEBlock(_with(cfg, dispatch=dispatch, capacity_factor=8.0), rngs=nnx.Rngs(5))(x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert float(stats["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(stats["aux_loss"], want_stats["aux_loss"], rtol=1e-6)
