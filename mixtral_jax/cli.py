@@ -58,7 +58,16 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+_TASK_FLAGS = (("--num-fewshot", "num_fewshot"), ("--limit", "limit"), ("--include-path", "include_path"),
+               ("--batch-size", "batch_size"), ("--online", "online"))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return _eval_tasks(args)
+    for flag, key in _TASK_FLAGS:
+        if getattr(args, key) not in (None, False):
+            raise ConfigError(f"{flag} applies to downstream tasks: give --tasks too")
     if not args.json:
         from mixtral_jax.training.evaluate import evaluate_run
 
@@ -70,6 +79,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate_run(Path(args.run), args.batches)
     # `tokens`: the target tokens the loss averages over (the same count as eval_tokens).
     print(json.dumps({**result, "tokens": result["eval_tokens"]}))
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    """`eval --tasks`: lm-eval-harness tasks on the run's latest weights (mixtral_jax/downstream)."""
+    if args.batches is not None:
+        raise ConfigError("--batches applies to the held-out loss, not to --tasks")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ConfigError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise ConfigError(f"--limit must be positive, got {args.limit}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit  # < 1: a fraction
+    with _stdout_to_stderr() if args.json else contextlib.nullcontext():
+        from mixtral_jax.downstream.harness import TaskSuite
+
+        suite = TaskSuite.resolve(args.tasks.split(","), args.include_path, online=args.online)  # before any loading
+        from mixtral_jax.downstream.adapter import DEFAULT_BATCH_SIZE, MixtralLM
+        from mixtral_jax.generate import load_tokenizer
+        from mixtral_jax.training.evaluate import load_run_model
+
+        run = Path(args.run)
+        model, cfg, step = load_run_model(run)
+        lm = MixtralLM(model, load_tokenizer(run, cfg), batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+                       model_cfg=cfg.model)
+        results = suite.evaluate(lm, num_fewshot=args.num_fewshot, limit=limit)
+        results["config"].update(run=str(run), step=step)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    print(json.dumps(results, default=handle_non_serializable) if args.json else make_table(results))
     return 0
 
 
@@ -281,12 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     train.set_defaults(func=cmd_train)
 
-    evaluate = verbs.add_parser("eval", help="held-out loss / perplexity of a run's latest checkpoint")
+    evaluate = verbs.add_parser(
+        "eval", help="held-out loss / perplexity of a run's latest checkpoint, or downstream tasks (--tasks)",
+        description="Without --tasks: held-out loss and perplexity over the run's data. With --tasks: "
+                    "lm-eval-harness tasks on the latest weights (trained, imported, upcycled or LoRA-merged), "
+                    "offline unless --online; task data must be on disk (docs/evaluation.md).")
     evaluate.add_argument("--run", required=True, help="run directory (runs/NAME)")
     evaluate.add_argument("--batches", type=int, default=None, help="held-out batches (default: the run's train.eval_batches)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout "
-                                                              "(eval_loss, eval_ppl, tokens, step, ...; logs go to "
-                                                              "stderr)")
+                                                              "(eval_loss, eval_ppl, tokens, step, ...; with --tasks "
+                                                              "lm-eval's results object; logs go to stderr)")
+    evaluate.add_argument("--tasks", metavar="T1,T2", help="lm-eval task, group or tag names (globs too), "
+                                                           "comma-separated")
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: each task's own)")
+    evaluate.add_argument("--limit", type=float, help="at most this many documents per task (< 1: a fraction)")
+    evaluate.add_argument("--include-path", metavar="DIR", help="a folder (or YAML file) of task configs of your own")
+    evaluate.add_argument("--batch-size", type=int, help="rows per device batch (default 16)")
+    evaluate.add_argument("--online", action="store_true", help="let lm-eval download task data from the Hugging "
+                                                                "Face hub (default: offline)")
     evaluate.set_defaults(func=cmd_eval)
 
     gen = verbs.add_parser(

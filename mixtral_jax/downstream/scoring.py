@@ -1,0 +1,95 @@
+"""The compiled device programs behind the lm-eval adapter: scoring padded batches of token
+rows, and greedy batched generation with the KV cache.
+
+Each program is jitted with the model's graphdef as a static argument, so it compiles once per
+(model, batch shape) and is reused for every batch of that shape. `Programs` records the shapes
+it has dispatched: with the adapter's length buckets, a task touches a handful of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from mixtral_jax.models.attention import KVCache
+from mixtral_jax.models.transformer import Transformer
+from mixtral_jax.parallel.mesh import traced_under
+
+
+class Scores(NamedTuple):
+    """A scored batch, on the host. Positions index the input row: position t predicts token t + 1."""
+
+    target_logprob: np.ndarray  # [B, T] log p(targets[t] | inputs[:t + 1])
+    target_greedy: np.ndarray  # [B, T] whether targets[t] is the argmax there
+    last_logprob: np.ndarray  # [B, V] the whole log-distribution at each row's `last` position
+    last_argmax: np.ndarray  # [B] its argmax
+
+
+def _score(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array,
+           last: jax.Array) -> tuple[jax.Array, ...]:
+    model = nnx.merge(graphdef, state)
+    logits = model(inputs).logits  # [B, T, V] float32
+    # log p = logit - logsumexp: no [B, T, V] log-softmax is materialised, only what is returned.
+    norm = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logprob = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - norm
+    greedy = jnp.argmax(logits, axis=-1)
+    rows = jnp.arange(inputs.shape[0])
+    last_logprob = logits[rows, last] - norm[rows, last][:, None]
+    return target_logprob, greedy == targets, last_logprob, greedy[rows, last]
+
+
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Left-padded prompts [B, T] (pads at position -1, which the cache keeps empty) -> the
+    greedy next token of every row [B] and the filled cache."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tokens, positions, cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+def _step(graphdef: nnx.GraphDef, state: nnx.State, token: jax.Array, position: jax.Array,
+          cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One greedy decode step: token [B] at per-row positions [B] -> the next tokens [B]."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(token[:, None], position[:, None], cache)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+@functools.cache
+def _jitted(mesh: Mesh | None) -> tuple[Any, Any, Any]:
+    """The three programs jitted once per mesh (None: no mesh), so that every adapter on the
+    same architecture, such as one per evaluation during training, reuses their compilations."""
+    wrap = (lambda fn: traced_under(mesh, fn)) if mesh is not None else (lambda fn: fn)
+    return tuple(jax.jit(wrap(fn), static_argnums=0) for fn in (_score, _prefill, _step))
+
+
+class Programs:
+    """The model's state and its three jitted programs. `mesh`: trace under it (a sharded
+    training state: the model's layout constraints and expert-parallel dispatch need it)."""
+
+    def __init__(self, model: Transformer, mesh: Mesh | None = None):
+        self.graphdef, self.state = nnx.split(model)
+        self._score, self._prefill, self._step = _jitted(mesh)
+        self.shapes: set[tuple[str, tuple[int, ...]]] = set()  # (program, shape) pairs dispatched
+        self.model = model
+
+    def score(self, inputs: np.ndarray, targets: np.ndarray, last: np.ndarray) -> Scores:
+        self.shapes.add(("score", inputs.shape))
+        out = self._score(self.graphdef, self.state, inputs, targets, last)
+        return Scores(*jax.device_get(out))
+
+    def prefill(self, tokens: np.ndarray, positions: np.ndarray, cache_len: int) -> tuple[np.ndarray, Any]:
+        self.shapes.add(("prefill", (*tokens.shape, cache_len)))
+        cache = self.model.init_cache(tokens.shape[0], cache_len)
+        token, cache = self._prefill(self.graphdef, self.state, tokens, positions, cache)
+        return token, cache
+
+    def step(self, token: jax.Array, position: np.ndarray, cache: Any) -> tuple[jax.Array, Any]:
+        self.shapes.add(("step", (token.shape[0], int(cache.pos.shape[-1]))))
+        return self._step(self.graphdef, self.state, token, position, cache)
