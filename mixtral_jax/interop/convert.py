@@ -113,8 +113,18 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path) -> Path:
                              {"imported_from": str(hf_dir.resolve()), "format": layout}, hf_dir / TOKENIZER)
 
 
+def run_tokenizer(run_dir: Path, cfg: Config) -> Path | None:
+    """The run's sentencepiece model: run_dir/tokenizer.model, else the file data.tokenizer.path names."""
+    if (run_dir / TOKENIZER).is_file():
+        return run_dir / TOKENIZER
+    named = Path(cfg.data.tokenizer.path).expanduser() if cfg.data.tokenizer.path else None
+    return named if named is not None and named.is_file() else None
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a run's latest weights as an HF directory (config.json + model.safetensors)."""
+    """Write a run's latest weights as an HF directory (config.json + model.safetensors) and its
+    tokenizer as one `AutoTokenizer` loads and that encodes exactly as ours (tokenizer.model,
+    tokenizer.json, tokenizer_config.json; see hf.save_tokenizer)."""
     from mixtral_jax.training.evaluate import load_run_model  # pulls in the data pipeline: only when used
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -132,6 +142,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
 
     model, cfg, _ = load_run_model(run_dir)
     hf.save(model, cfg.model, out_dir)
-    if (run_dir / TOKENIZER).is_file():
-        shutil.copyfile(run_dir / TOKENIZER, out_dir / TOKENIZER)
+    tokenizer = run_tokenizer(run_dir, cfg)
+    if tokenizer is not None:
+        hf.save_tokenizer(tokenizer, out_dir, model_max_length=cfg.model.max_seq_len)
     return out_dir
