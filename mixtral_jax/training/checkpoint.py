@@ -6,10 +6,15 @@ crash mid-write never replaces the last good checkpoint; saves are asynchronous 
 train loop keeps running while the previous step is written. A write that fails (a full disk)
 raises RunError naming the step and the last complete checkpoint, which the failure cannot
 have touched; recovery.py checks checkpoints when a run starts.
+
+Every save also writes digests of each array and JSON item (digests.py), committed with the
+step; every restore compares the restored content against them and raises DigestMismatch naming
+the step, the arrays and the files, so no damaged value ever reaches training, eval or export.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mixtral_jax.config import LoRAConfig
-from mixtral_jax.training import lora
+from mixtral_jax.training import digests, lora
 from mixtral_jax.training.errors import RunError
 
 WEIGHTS = "weights"  # {params, model_state (, adapters)}: what fine-tuning and export need
@@ -25,13 +30,16 @@ TRAINER = "trainer"  # {step, opt_state, rng, nonfinite counters}: what only res
 
 
 class Checkpointer:
-    """Save / restore `{weights, trainer: pytrees; data, meta: json}` under one directory."""
+    """Save / restore `{weights, trainer: pytrees; data, meta: json}` under one directory.
+    verify=False writes no digests and checks none (only to measure what they cost)."""
 
-    def __init__(self, directory: Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: Path, *, keep: int = 3, async_save: bool = True, verify: bool = True):
         self.directory = Path(directory).resolve()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=(WEIGHTS, TRAINER, "data", "meta"))
+                                             item_names=(WEIGHTS, TRAINER, "data", "meta", digests.ITEM))
+        self.verify = verify
+        self.notes: list[str] = []  # one line per restored step that has no digests to check
         self._pending: int | None = None  # the step whose background write may still be running
 
     def latest_step(self) -> int | None:
@@ -47,12 +55,17 @@ class Checkpointer:
             TRAINER: ocp.args.StandardSave(trainer),
             "data": ocp.args.JsonSave(data_state),
             "meta": ocp.args.JsonSave(meta),
+            **self.digest_args({WEIGHTS: weights, TRAINER: trainer}, {"data": data_state, "meta": meta}),
         })
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as err:
             raise self._save_error(step, err) from err
         self._pending = step
+
+    def digest_args(self, arrays: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
+        """The digests item of a Composite save covering these items (none with verify=False)."""
+        return {digests.ITEM: digests.DigestSave(arrays, objects)} if self.verify else {}
 
     def _finish(self, step: int | None) -> None:
         try:
@@ -78,23 +91,57 @@ class Checkpointer:
             "data": ocp.args.JsonRestore(),
             "meta": ocp.args.JsonRestore(),
         }))
+        self.check(step, {WEIGHTS: restored[WEIGHTS], TRAINER: restored[TRAINER]},
+                   {"data": restored["data"], "meta": restored["meta"]})
         return {**restored[WEIGHTS], **restored[TRAINER]}, restored["data"], restored["meta"]
 
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
         """Only {params, model_state}, e.g. to fine-tune from another run with a fresh optimizer."""
         restored = self.manager.restore(
             step, args=ocp.args.Composite(**{WEIGHTS: ocp.args.StandardRestore(_target(abstract_weights))}))
+        self.check(step, {WEIGHTS: restored[WEIGHTS]}, {})
         return restored[WEIGHTS]
+
+    def check(self, step: int, arrays: dict[str, Any], objects: dict[str, Any]) -> None:
+        """Compare restored items with the step's digests: DigestMismatch (or DigestFileDamaged)
+        if any differ; a note in self.notes if the step predates digests."""
+        if not self.verify:
+            return
+        step_dir = self.directory / str(step)
+        record = digests.read_record(step_dir, step)
+        if record is None:
+            self.notes.append(f"note: checkpoint step {step} has no digests (saved before checksums existed), so its "
+                              "content cannot be verified")
+            return
+        files, names = [], []
+        for item, tree in arrays.items():
+            bad = digests.bad_arrays(record, {item: tree}, {})
+            files += digests.locate(step_dir / item, bad) if bad else []
+            names += bad
+        bad = digests.bad_arrays(record, {}, objects)
+        files += [f"{item}/metadata" for item in bad]
+        if names or bad:
+            raise digests.DigestMismatch(step, ", ".join(files[:3]) + (f" and {len(files) - 3} more files"
+                                                                      if len(files) > 3 else ""), names + bad)
 
     def restore_merged(self, step: int, abstract_weights: dict, lora_cfg: LoRAConfig, is_moe: bool) -> dict:
         """{params, model_state} of a checkpoint, LoRA adapters (if the run trained some) merged
         into the params: what eval, generation, export and `train.init_from` consume."""
         if lora_cfg.rank == 0:
-            return self.restore_weights(step, abstract_weights)
+            weights = self.restore_weights(step, abstract_weights)
+            self._print_notes()
+            return weights
         adapters = lora.abstract_adapters(abstract_weights["params"], lora_cfg, is_moe)
         weights = self.restore_weights(step, {**abstract_weights, "adapters": adapters})
+        self._print_notes()
         return {"params": lora.merge(weights["params"], weights["adapters"], lora_cfg),
                 "model_state": weights["model_state"]}
+
+    def _print_notes(self) -> None:
+        # eval / generate / export have no run log: a note goes to stderr (kept off --json stdout).
+        for note in self.notes:
+            print(note, file=sys.stderr)
+        self.notes.clear()
 
     def wait(self) -> None:
         self._finish(self._pending)

@@ -8,7 +8,10 @@ and then restores the newest step that passes every check:
 - its files are all there and its JSON files parse (a truncated or missing file is named);
 - its arrays have the shapes this config expects: a mismatch means the run dir was trained with
   another config, which is a ConfigError naming the parameter and both shapes, never a fallback;
-- the restore itself succeeds (tensorstore notices truncated or missing array data).
+- the restore itself succeeds (tensorstore notices truncated or missing array data);
+- the restored arrays and JSON items match the digests saved with the step (digests.py), which
+  catches same-size damage: overwritten bytes, flipped bits, a file swapped in from another step.
+  A step saved before digests existed restores with a note that it cannot be verified.
 
 A damaged step is renamed `<step>.corrupt` (kept, not deleted) with a warning once an older good
 step is found; if none is good, the run stops with a RunError naming the damaged files and
@@ -33,7 +36,7 @@ import orbax.checkpoint as ocp
 
 from mixtral_jax.config import ConfigError
 from mixtral_jax.models.params import path_name
-from mixtral_jax.training import nonfinite
+from mixtral_jax.training import digests, nonfinite
 from mixtral_jax.training.checkpoint import TRAINER, WEIGHTS, Checkpointer, complete_steps, split_state
 from mixtral_jax.training.errors import RunError
 
@@ -166,6 +169,8 @@ def restore_latest_good(checkpointer: Checkpointer, target: dict, *,
             state[key] = jax.tree.map(lambda z, t: jax.device_put(z, t.sharding), nonfinite.init_counters(),
                                       target[key])
         notes = [_quarantine(checkpointer.directory, bad, step, move_aside) for bad in damaged]
+        notes += checkpointer.notes  # "cannot be verified" for a step saved without digests
+        checkpointer.notes.clear()
         if damaged:
             checkpointer.manager.reload()  # forget the steps moved aside
         return step, state, data_state, meta, notes
@@ -178,6 +183,8 @@ def _restore(checkpointer: Checkpointer, step: int, step_dir: Path, target: dict
     try:
         state, data_state, meta = checkpointer.restore(step, target)
         jax.block_until_ready(state)  # any read error surfaces here, not in the first step
+    except (digests.DigestMismatch, digests.DigestFileDamaged) as err:
+        raise DamagedCheckpoint(step, err.file, err.reason) from None
     except Exception as err:
         raise DamagedCheckpoint(step, _named_file(err, step_dir), _first_line(err)) from None
     return state, data_state, meta
