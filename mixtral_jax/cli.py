@@ -274,6 +274,24 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mixtral_jax.training.integrity import verify_run
+
+    with contextlib.ExitStack() as stack:
+        if args.json:
+            stack.enter_context(_stdout_to_stderr())  # orbax / JAX logs must not mix into the JSON
+        verdicts = verify_run(Path(args.run), args.step)
+    damaged = [v.step for v in verdicts if v.status == "damaged"]
+    if args.json:
+        print(json.dumps({"run": str(args.run), "ok": not damaged, "damaged": damaged,
+                          "steps": [{"step": v.step, "status": v.status, "detail": v.detail, "arrays": v.arrays}
+                                    for v in verdicts]}))
+    else:
+        for verdict in verdicts:
+            print(verdict.line())
+    return 1 if damaged else 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from mixtral_jax.experiments import EXPERIMENTS, run_experiment
 
@@ -439,6 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     export_hf.add_argument("--run", required=True, help="run directory (runs/NAME)")
     export_hf.add_argument("--out", required=True, metavar="DIR", help="output directory (no safetensors in it yet)")
     export_hf.set_defaults(func=cmd_export_hf)
+
+    verify = verbs.add_parser(
+        "verify", help="check a run's checkpoint steps against the digests saved with them (offline)",
+        description="Restore every checkpoint step (or --step N) and compare each array and JSON item with the "
+                    "digests written when it was saved. Prints one verdict per step: ok, damaged (the files and "
+                    "arrays) or unverifiable (saved before digests existed). Exit status 1 if any step is damaged.")
+    verify.add_argument("--run", required=True, help="run directory (runs/NAME)")
+    verify.add_argument("--step", type=int, help="check this step only")
+    verify.add_argument("--json", action="store_true", help="print one JSON object (ok, damaged steps, a verdict "
+                                                            "per step) and nothing else on stdout")
+    verify.set_defaults(func=cmd_verify)
     from mixtral_jax.experiments import EXPERIMENTS
 
     experiment = verbs.add_parser(

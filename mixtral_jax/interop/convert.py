@@ -54,9 +54,10 @@ def write_weights_run(run_dir: Path, cfg: Config, params: Any, model_state: Any,
     weights = {"params": params, "model_state": model_state}  # the layout Checkpointer.split_state saves
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=1, async_save=False)
     # Checkpointer.save always writes all four items; a converted model has only weights, so save
-    # that item alone (plus `meta`) through the same manager, names and directory layout.
+    # that item alone (plus `meta`, and their digests) through the same manager, names and layout.
     checkpointer.manager.save(0, args=ocp.args.Composite(**{
-        WEIGHTS: ocp.args.StandardSave(weights), "meta": ocp.args.JsonSave(meta)}), force=True)
+        WEIGHTS: ocp.args.StandardSave(weights), "meta": ocp.args.JsonSave(meta),
+        **checkpointer.digest_args({WEIGHTS: weights}, {"meta": meta})}), force=True)
     checkpointer.close()
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, run_dir / TOKENIZER)

@@ -31,7 +31,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mixtral_jax.models.params import path_name
 from mixtral_jax.training.errors import RunError
 
 ITEM = "digests"
@@ -93,8 +92,15 @@ def _plain(leaf: Any) -> Any:
     return leaf
 
 
+def _name(path: tuple[Any, ...]) -> str:
+    """`opt_state.1.0.mu.blocks.ffn.w_up`: the dotted path orbax keys the array by, without nnx's
+    `value` level, so a tree of plain dicts (as `verify` restores) names arrays alike."""
+    keys = [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path]
+    return ".".join(k for k in keys if k not in ("value", "raw_value"))
+
+
 def _leaves(tree: Any) -> list[tuple[str, Any]]:
-    return [(path_name(p), _plain(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [(_name(p), _plain(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def snapshot(arrays: dict[str, Any]) -> dict[str, dict[str, tuple[dict, list[tuple[str, np.ndarray]]]]]:
@@ -252,7 +258,7 @@ def bad_arrays(record: dict, arrays: dict[str, Any], objects: dict[str, Any]) ->
 
 
 def _orbax_name(key: str) -> str:
-    """`opt_state.1.0.mu.embed.value` (an OCDBT key's array part) as path_name spells it."""
+    """`opt_state.1.0.mu.embed.value` (an OCDBT key's array part) as _name spells it."""
     return ".".join(p for p in key.split(".") if p not in ("value", "raw_value"))
 
 
@@ -261,7 +267,7 @@ def locate(item_dir: Path, names: list[str]) -> list[str]:
     OCDBT tree: where the damage is, for the message. Best effort: the item dir if unreadable."""
     import tensorstore as ts
 
-    wanted = {re.sub(r"\[(\d+)\]", r"\1", n) for n in names}
+    wanted = set(names)
     found: list[str] = []
     try:
         kv = ts.KvStore.open({"driver": "file", "path": str(item_dir) + "/"}).result()
