@@ -29,7 +29,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "run.seed", "model.moe.num_experts", "model.moe.aux_loss_coef", "model.moe.z_loss_coef",
     "model.moe.bias_update_rate", "model.moe.jitter", "data.num_workers", "data.shuffle_buffer_docs",
-    "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_batches",
+    "optim.warmup_steps", "optim.weight_decay", "optim.clip_norm", "train.eval_batches", "train.eval_tasks_every",
     "finetune.router_lr_scale", "finetune.lora.rank", "cost.price_per_device_hour")
 
 
@@ -109,6 +109,7 @@ def validate(cfg: Config) -> None:
     _require(d.batch_size % o.grad_accum == 0, "optim.grad_accum",
              f"data.batch_size ({d.batch_size}) must be divisible by grad_accum ({o.grad_accum})")
     _validate_finetune(cfg)
+    _validate_eval_tasks(cfg)
     _validate_mesh_cost(cfg)
     _require(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."), "run.name",
              "must be a non-empty name without '/' (and not '.' or '..')")
@@ -141,6 +142,20 @@ def _validate_moe_shape(m: ModelConfig) -> None:
     _require(moe.routed_scaling > 0, "model.moe.routed_scaling", f"must be positive, got {moe.routed_scaling}")
     _require(moe.n_groups == 1 or moe.router in ("softmax_topk", "sigmoid_topk"), "model.moe.n_groups",
              f"group-limited routing needs router softmax_topk or sigmoid_topk, not {moe.router}")
+
+
+def _validate_eval_tasks(cfg: Config) -> None:
+    """train.eval_tasks*: names present and settings in range (the names themselves are resolved
+    against lm-eval's task index when training starts, before the first step)."""
+    t = cfg.train
+    _require(all(name.strip() and "," not in name for name in t.eval_tasks), "train.eval_tasks",
+             f"must be a list of task names (one per item), got {t.eval_tasks!r}")
+    _require(t.eval_tasks_limit is None or t.eval_tasks_limit > 0, "train.eval_tasks_limit",
+             f"must be positive or null, got {t.eval_tasks_limit}")
+    _require(t.eval_tasks_num_fewshot is None or t.eval_tasks_num_fewshot >= 0, "train.eval_tasks_num_fewshot",
+             f"must be >= 0 or null, got {t.eval_tasks_num_fewshot}")
+    _require(t.eval_tasks_include_path is None or bool(t.eval_tasks_include_path.strip()), "train.eval_tasks_include_path",
+             "must name a folder or YAML file, or be null")
 
 
 def _validate_mesh_cost(cfg: Config) -> None:

@@ -144,6 +144,13 @@ class TrainConfig:
     init_from: Optional[str] = None  # a run dir (or checkpoint dir) to start from, fresh optimizer: fine-tuning
     on_nonfinite: str = "skip"  # what a step with a non-finite loss or gradient does
     max_consecutive_nonfinite: int = 10  # skip policy: stop after this many bad steps in a row
+    # lm-eval-harness tasks (names, groups, tags or globs) run on the weights during training, logged
+    # as downstream/TASK/METRIC; empty = none (docs/evaluation.md)
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0  # run eval_tasks every this many steps and at the last; 0 = only at the last
+    eval_tasks_limit: Optional[int] = None  # at most this many documents per task; null = all
+    eval_tasks_num_fewshot: Optional[int] = None  # few-shot examples per prompt; null = each task's default
+    eval_tasks_include_path: Optional[str] = None  # a folder (or YAML file) of task configs of your own, for eval_tasks
 
 
 @dataclass

@@ -103,11 +103,12 @@ class MixtralLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs: Any) -> list[int]:
         """Token ids, BOS first unless add_special_tokens is False (or add_bos_token is, when it
-        is None). A string that starts with the BOS text "<s>" gets no second one (HFLM)."""
-        bos_text = self.sp.id_to_piece(self.sp.bos_id)
+        is None). As in HFLM, a string that already starts with the BOS text "<s>" gets no BOS
+        added; the text itself is encoded as text (sentencepiece, like the exported tokenizer,
+        never reads control pieces from text)."""
         add = self.add_bos_token if add_special_tokens is None else add_special_tokens
-        if add_special_tokens is None and string.startswith(bos_text):
-            string, add = string[len(bos_text):], True  # HF's tokenizer reads the text "<s>" as BOS
+        if add_special_tokens is None and string.startswith(self.sp.id_to_piece(self.sp.bos_id)):
+            add = False
         ids = ([self.sp.bos_id] if add else []) + self.sp.encode(string)
         return ids[-left_truncate_len:] if left_truncate_len else ids
 

@@ -125,11 +125,12 @@ class TaskSuite:
 
 def downstream_metrics(results: dict) -> dict[str, float]:
     """`downstream/<task>/<metric>` -> value for every numeric metric of lm-eval's results
-    (`acc,none` is `acc`; another filter stays in the name, `exact_match,strict-match`)."""
+    (`acc,none` is `acc`; another filter stays in the name, `exact_match,strict-match`; the
+    document count `sample_len` and stderr that was not computed ("N/A") are left out)."""
     out: dict[str, float] = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if key == "alias" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if key in ("alias", "sample_len") or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             name = key[:-len(",none")] if key.endswith(",none") else key
             out[f"downstream/{task}/{name}"] = float(value)

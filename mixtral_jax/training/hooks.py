@@ -3,9 +3,10 @@ checkpointing, each with its own period, plus the clock they share.
 
 After every step the loop runs its hooks in order (`run_hooks`); each decides from the shared
 `LoopContext` whether it is due and then does its work. The order is part of the behaviour:
-the log hook builds the step's metrics record, the eval hook adds to it, the record hook writes
-it, the stop hook reads the stop request, and only then does the checkpoint hook save, so a
-record is on disk before the checkpoint that covers its step.
+the log hook builds the step's metrics record, the eval hook (and, with train.eval_tasks, the
+downstream-task hook) add to it, the record hook writes it, the stop hook reads the stop
+request, and only then does the checkpoint hook save, so a record is on disk before the
+checkpoint that covers its step.
 
 The non-finite guard (nonfinite.py) is not a hook of its own: it is applied wherever metrics
 come to the host (the log hook) and before every save (the checkpoint hook), because the loop
@@ -175,6 +176,29 @@ class EvalHook(Hook):
         self.clock.resume()
 
 
+class DownstreamHook(Hook):
+    """Downstream tasks (lm-eval-harness) on the current weights: every `every` steps, or only at
+    the loop's last step when `every` is 0. `evaluate(state)` returns `downstream/<task>/<metric>`
+    figures, added to the step's record; the latest stay in `metrics` for the run's summary. Like
+    EvalHook, the run's clocks are paused meanwhile: task time is not training time."""
+
+    def __init__(self, every: int, evaluate: Callable[[Any], dict[str, float]], clock: LoopClock):
+        self.every, self.evaluate, self.clock = every, evaluate, clock
+        self.metrics: dict[str, float] = {}
+
+    def due(self, ctx: LoopContext) -> bool:
+        return ctx.at_end or (self.every > 0 and ctx.done % self.every == 0)
+
+    def run(self, ctx: LoopContext) -> None:
+        jax.block_until_ready(ctx.state)  # the steps' time is the window's, not the tasks'
+        self.clock.pause()
+        try:
+            self.metrics = self.evaluate(ctx.state)
+        finally:
+            self.clock.resume()
+        ctx.record.update(self.metrics)
+
+
 class RecordHook(Hook):
     """Writes the step's record when the hooks before it made one."""
 
@@ -219,7 +243,9 @@ class CheckpointHook(Hook):
 
 
 def loop_hooks(log_every: int, checkpoint_every: int, guard: NonfiniteGuard, meter: RunMeter, clock: LoopClock,
-               evaluator: EvalHook, logger: MetricsLogger, checkpointer: Saver, data: DataState) -> list[Hook]:
-    """The loop's hooks, in the order their work depends on (see the module docstring)."""
-    return [LogHook(log_every, guard, meter, clock), evaluator, RecordHook(logger), StopHook(),
-            CheckpointHook(checkpoint_every, guard, checkpointer, data, clock.device)]
+               evaluator: EvalHook, logger: MetricsLogger, checkpointer: Saver, data: DataState,
+               downstream: DownstreamHook | None = None) -> list[Hook]:
+    """The loop's hooks, in the order their work depends on (see the module docstring);
+    `downstream` (train.eval_tasks) runs after the held-out eval, before the record is written."""
+    return [LogHook(log_every, guard, meter, clock), evaluator, *([downstream] if downstream else []),
+            RecordHook(logger), StopHook(), CheckpointHook(checkpoint_every, guard, checkpointer, data, clock.device)]

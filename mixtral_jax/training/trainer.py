@@ -34,7 +34,7 @@ from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated, traced_under
 from mixtral_jax.parallel.rules import state_shardings
 from mixtral_jax.training.checkpoint import TRAINER, Checkpointer, complete_steps
-from mixtral_jax.training.hooks import EvalHook, LoopClock, LoopContext, loop_hooks, run_hooks
+from mixtral_jax.training.hooks import DownstreamHook, EvalHook, LoopClock, LoopContext, loop_hooks, run_hooks
 from mixtral_jax.training.meter import RunMeter
 from mixtral_jax.training.metrics import MetricsLogger, last_train_record, truncate_metrics
 from mixtral_jax.training.nonfinite import COUNTERS, NonfiniteGuard, init_counters
@@ -103,6 +103,11 @@ class Trainer:
         target = self.run_dir / "tokenizer.model"
         if Path(self.tokenizer.path).resolve() != target.resolve():
             shutil.copyfile(self.tokenizer.path, target)
+        self.task_suite = None
+        if cfg.train.eval_tasks:  # a misspelled task fails now, not at the first evaluation
+            from mixtral_jax.downstream.harness import TaskSuite
+
+            self.task_suite = TaskSuite.resolve(cfg.train.eval_tasks, cfg.train.eval_tasks_include_path)
 
     def release(self) -> None:
         """Give the run dir up (fit does it when it ends, however it ends)."""
@@ -170,8 +175,9 @@ class Trainer:
         clock = LoopClock(meter.clock)
         guard = NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_consecutive_nonfinite)
         evaluator = EvalHook(cfg.train.eval_every, lambda s: self.evaluate(s, eval_batches), clock)
+        downstream = DownstreamHook(cfg.train.eval_tasks_every, self.evaluate_tasks, clock) if self.task_suite else None
         hooks = loop_hooks(cfg.train.log_every, cfg.train.checkpoint_every, guard, meter, clock, evaluator, logger,
-                           self.checkpointer, data_iter)
+                           self.checkpointer, data_iter, downstream)
         step_fn, compile_s = None, 0.0
         try:
             for _ in range(start, last_step):
@@ -192,6 +198,7 @@ class Trainer:
                     break
             meter.clock.pause()
             summary = self._summary(ctx.state, evaluator.metrics, meter, compile_s)
+            summary.update(downstream.metrics if downstream else {})
             summary["stopped_by"] = stop.requested
             logger.summary(summary)
         except BaseException:
@@ -243,6 +250,22 @@ class Trainer:
         loss_sum, count = (float(sum(x)) for x in zip(*jax.device_get(totals)))
         loss = loss_sum / max(count, 1.0)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def evaluate_tasks(self, state: dict) -> dict[str, float]:
+        """train.eval_tasks on the state's weights (LoRA adapters merged) through lm-eval:
+        `downstream/<task>/<metric>` figures (no bootstrap stderr: the figures are logged as is)."""
+        from mixtral_jax.downstream.adapter import MixtralLM
+        from mixtral_jax.downstream.harness import downstream_metrics
+
+        t = self.cfg.train
+        graphdef = nnx.split(nnx.eval_shape(lambda: self.model_factory(self.cfg.model, rngs=nnx.Rngs(0))),
+                             nnx.Param, ...)[0]
+        params = lora.merge(state["params"], state.get("adapters"), self.cfg.finetune.lora)
+        model = nnx.merge(graphdef, params, state["model_state"])
+        lm = MixtralLM(model, self.tokenizer, model_cfg=self.cfg.model, mesh=self.mesh)
+        results = self.task_suite.evaluate(lm, num_fewshot=t.eval_tasks_num_fewshot, limit=t.eval_tasks_limit,
+                                           bootstrap_iters=0)
+        return downstream_metrics(results)
 
     def _summary(self, state: dict, eval_metrics: dict, meter: RunMeter, compile_s: float) -> dict:
         # The baseline a model must beat to have learned more than token frequencies: the
