@@ -312,6 +312,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         extra["full_scale"] = True
     if args.run:
         extra["run_dir"] = args.run
+    if args.ladder:
+        if args.name != "dense_vs_moe":
+            raise ConfigError("--ladder applies to dense_vs_moe only (its scaling ladder)")
+        extra["ladder"] = True
     report = run_experiment(args.name, out, smoke=args.smoke, overrides=args.overrides, **extra)
     print(f"report: {report}")
     return 0
@@ -482,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "GPU) instead of one factor at a time")
     experiment.add_argument("--full-scale", action="store_true", help="the accelerator-sized configs in "
                                                                       "experiments/NAME/full_scale/ (GPU / TPU)")
+    experiment.add_argument("--ladder", action="store_true", help="dense_vs_moe: the scaling ladder (3 sizes x "
+                            "{dense, MoE}; with --full-scale the single-H100-hour variant) instead of the study")
     experiment.add_argument("--run", help="routing_analysis: analyse this trained MoE run dir instead of training one")
     experiment.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     experiment.set_defaults(func=cmd_experiment)

@@ -56,17 +56,48 @@ def _cell(report: str, row_label: str, column: str) -> str:
 
 def test_dense_vs_moe_smoke(tmp_path, corpus_cache):
     from mixtral_jax.cli import main
+    from mixtral_jax.experiments.paired_stats import paired_gap
 
     assert main(["experiment", "dense_vs_moe", "--smoke", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
-    for model, label in (("moe", "(b) 8 experts top-2"), ("dense", "(a) dense")):
-        losses = [json.loads((tmp_path / f"{model}_seed{s}" / "summary.json").read_text())["eval_loss"] for s in (0, 1)]
-        mean, spread = np.mean(losses), (max(losses) - min(losses)) / 2
-        assert _cell(report, label, "held-out loss") == f"{mean:.4f} ± {spread:.4f}"
-    summary = json.loads((tmp_path / "moe_seed0" / "summary.json").read_text())
-    assert _cell(report, "(b) 8 experts top-2", "params active") == f"{summary['params_active']:,}"
-    assert "mixtral_8x7b | 46,702,792,704 | 12,879,925,248" in report
+    results = json.loads((tmp_path / "results.json").read_text())
+    for png in ("loss_curves.png", "gap_over_training.png", "load_heatmaps.png"):
+        assert png in results["figures"] and (tmp_path / png).stat().st_size > 10_000
+    assert results["primary"] == {"dense": "dense", "moe": "moe"}
+    arms = {(r["arm"], r["seed"]): tmp_path / r["dir"] for r in results["runs"]}
+    assert {a for a, _ in arms} == {"dense", "moe", "dense_wide", "upcycled"}
+    final = {k: json.loads((d / "summary.json").read_text())["eval_loss"] for k, d in arms.items()}
+    # the paired interval in the report is the one recomputed from the runs' own summaries
+    gap = paired_gap([final[("dense", s)] for s in (0, 1)], [final[("moe", s)] for s in (0, 1)])
+    assert f"{gap.mean:+.4f} [{gap.low:+.4f}, {gap.high:+.4f}]" in report
+    assert results["paired_gap"]["mean"] == pytest.approx(gap.mean)
+    assert _cell(report, "(b) 16 experts x 256, top-2", "seeds") == "2"
+    # (d) continues from (a) seed 0's halfway checkpoint; its curve starts at that point
+    upcycled = next(r for r in results["runs"] if r["arm"] == "upcycled")
+    assert upcycled["init_from"] == "dense_seed0" and upcycled["init_step"] == 2
+    assert results["curves"]["upcycled_seed0"]["steps"][0] == 2
+    meta = [f.read_text() for f in (tmp_path / "upcycled_init_seed0" / "checkpoints").rglob("*")
+            if f.is_file() and "meta" in f.parts[-2:][0] + f.name]
+    assert any(re.search(r'"granular":\s*true', m) for m in meta), meta  # experiments narrower than the FFN
+    assert re.search(r"paired gap \(b\) - \(a\) = [+-]\d", results["verdict"])
+    # a restart reuses every finished run (nothing retrains: no new metrics lines)
+    before = {k: (d / "metrics.jsonl").stat().st_mtime for k, d in arms.items()}
+    assert main(["experiment", "dense_vs_moe", "--smoke", "--out", str(tmp_path)]) == 0
+    assert before == {k: (d / "metrics.jsonl").stat().st_mtime for k, d in arms.items()}
+
+
+def test_dense_vs_moe_ladder_smoke(tmp_path, corpus_cache):
+    from mixtral_jax.cli import main
+
+    assert main(["experiment", "dense_vs_moe", "--ladder", "--smoke", "--out", str(tmp_path)]) == 0
+    out = tmp_path / "ladder"
+    results = json.loads((out / "results.json").read_text())
+    assert [r["size"] for r in results["sizes"]] == ["s", "m", "l"]
+    assert (out / "ladder_multiplier.png").stat().st_size > 10_000
+    assert len(results["runs"]) == 6 and all((out / r["dir"] / "summary.json").is_file() for r in results["runs"])
+    dims = [r["dim"] for r in results["sizes"]]
+    assert dims == sorted(dims) and "compute multiplier" in (out / "report.md").read_text().lower()
+    assert main(["experiment", "router_ablation", "--ladder", "--smoke", "--out", str(tmp_path)]) == 2
 
 
 def test_router_ablation_smoke(tmp_path, corpus_cache):

@@ -202,3 +202,34 @@ def test_eval_json_stdout_is_exactly_one_object(upcycled):
     assert out.stdout.strip().count("\n") == 0
     assert {"eval_loss", "eval_ppl", "tokens"} <= result.keys()
     assert result["tokens"] > 0 and math.isfinite(result["eval_loss"])
+
+
+def test_granular_mode_cuts_the_dense_ffn_into_scaled_slices(runs):
+    """Granular upcycling (fine-grained experts of width hidden/G): expert e holds slice e mod G
+    of the dense FFN's hidden units with w_down times G, checked against a loop over experts;
+    one expert per slice with equal weights 1/G sums to the dense FFN output (numpy SwiGLU)."""
+    from mixtral_jax.interop.upcycle import upcycle
+
+    root, dense_dir = runs
+    out = upcycle(dense_dir, root / "granular", [*MOE, "model.moe.expert_hidden_dim=64"], granular=True, step=6)
+    dense, dense_cfg, _ = load_run_model(dense_dir)
+    moe, cfg, step = load_run_model(out)
+    assert step == 0 and cfg.model.expert_width == 64
+    width, slices = 64, dense_cfg.model.hidden_dim // 64  # G = 128 / 64 = 2
+    d, m = _flat(dense), _flat(moe)
+    for layer in range(cfg.model.n_layers):
+        gate, up, down = (d[("blocks", "ffn", w)][layer] for w in FFN)
+        for e in range(4):
+            s = slice((e % slices) * width, (e % slices + 1) * width)
+            np.testing.assert_array_equal(m[("blocks", "ffn", "w_gate")][layer, e], gate[:, s])
+            np.testing.assert_array_equal(m[("blocks", "ffn", "w_up")][layer, e], up[:, s])
+            np.testing.assert_allclose(m[("blocks", "ffn", "w_down")][layer, e], slices * down[s], rtol=1e-6)
+        x = np.random.default_rng(layer).standard_normal((5, cfg.model.dim)).astype(np.float32)
+        silu = lambda z: z / (1.0 + np.exp(-z))
+        ffn = lambda g, u, w: (silu(x @ g) * (x @ u)) @ w
+        want = ffn(gate, up, down)
+        experts = [tuple(m[("blocks", "ffn", w)][layer, e] for w in FFN) for e in (2, 1)]  # slices 0 and 1
+        got = sum(ffn(*weights) / slices for weights in experts)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # the other attention / embedding weights are the dense run's
+    assert np.array_equal(m[("embed",)], d[("embed",)])

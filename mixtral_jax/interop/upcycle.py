@@ -16,6 +16,15 @@ sum_k w_k f(x) = f(x) whenever the k routing weights sum to 1 and no token is dr
 (`exactness_issue` says when a config breaks that). With no noise the upcycled model is the
 dense model's function, whatever the fresh router picks.
 
+Granular mode (`granular=True`, fine-grained experts narrower than the dense FFN; approximate):
+with expert width w = hidden_dim / G, expert e starts as slice (e mod G) of the dense FFN's hidden
+units (columns of w_gate / w_up, rows of w_down) with its w_down scaled by G. The dense FFN is the
+sum of its G slices, f(x) = sum_s f_s(x), so a token whose k = G chosen experts cover every slice
+once with equal weights 1/G computes G * sum_s f_s(x) / G = f(x) exactly; any other choice (two
+experts of one slice, unequal weights, k != G) computes something else, so the upcycled model only
+approximates the dense function until training fits the router. This is the fine-grained
+upcycling Qwen1.5-MoE-A2.7B used (its experts are partitions of Qwen-1.8B's FFN, replicated).
+
 The run directory is written as `import-hf` writes one (convert.py): config.yaml, the tokenizer,
 a weights-only step-0 checkpoint. So eval, generate, export-hf and `train.init_from=RUN` read it,
 and `train` refuses to "resume" it.
@@ -70,9 +79,10 @@ def exactness_issue(moe: MoEConfig) -> str | None:
     return None
 
 
-def upcycle_config(dense_run: Path, overrides: list[str], run_dir: Path) -> Config:
+def upcycle_config(dense_run: Path, overrides: list[str], run_dir: Path, granular: bool = False) -> Config:
     """The MoE run's config: the dense run's, with `overrides` (the MoE shape, and any other
-    section) applied, checked to keep the dense trunk. ConfigError (one line) otherwise."""
+    section) applied, checked to keep the dense trunk. ConfigError (one line) otherwise.
+    granular: the experts may be narrower than the dense FFN (see the module docstring)."""
     dense_cfg = load_config(dense_run / "config.yaml")
     if dense_cfg.model.is_moe:
         raise ConfigError(f"{dense_run} is already an MoE run (model.moe.num_experts="
@@ -96,7 +106,9 @@ def upcycle_config(dense_run: Path, overrides: list[str], run_dir: Path) -> Conf
             raise ConfigError(f"config key 'model.{f.name}': {before} -> {after} changes the dense trunk, which "
                               f"upcycle copies unchanged (only model.moe.* and model.{{{','.join(EXECUTION_KEYS)}}} "
                               "may differ)")
-    if model.expert_width != dense.hidden_dim:
+    if granular:
+        _check_granular(model, dense.hidden_dim)
+    elif model.expert_width != dense.hidden_dim:
         raise ConfigError(f"config key 'model.moe.expert_hidden_dim': {model.moe.expert_hidden_dim} differs from the "
                           f"dense FFN width model.hidden_dim={dense.hidden_dim}; experts are copies of the dense FFN "
                           "(leave it null)")
@@ -111,9 +123,22 @@ def upcycle_config(dense_run: Path, overrides: list[str], run_dir: Path) -> Conf
     return cfg
 
 
+def _check_granular(model: ModelConfig, hidden_dim: int) -> None:
+    """Granular mode's shape rule: the dense FFN splits into G whole slices of the expert width,
+    and the experts cycle through the slices a whole number of times (every slice equally often)."""
+    width, experts = model.expert_width, model.moe.num_experts
+    if hidden_dim % width:
+        raise ConfigError(f"config key 'model.moe.expert_hidden_dim': {width} does not divide the dense FFN width "
+                          f"model.hidden_dim={hidden_dim}; granular upcycling cuts the FFN into equal slices")
+    if experts % (hidden_dim // width):
+        raise ConfigError(f"config key 'model.moe.num_experts': {experts} is not a multiple of the "
+                          f"{hidden_dim // width} slices of width {width}; every slice needs as many copies")
+
+
 def upcycle_state(dense_params: nnx.State, cfg: ModelConfig, seed: int, noise: float,
-                  mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.State, nnx.State]:
+                  mesh: jax.sharding.Mesh | None = None, granular: bool = False) -> tuple[nnx.State, nnx.State]:
     """(params, model_state) of the MoE model `cfg` built from a dense model's params.
+    granular: experts are slices of the dense FFN (module docstring), else whole copies.
 
     One jitted function: the MoE model's own init (so the router is bit-identical to a fresh
     run's with `seed`; XLA drops the init of every weight that is then overwritten) with the
@@ -141,7 +166,9 @@ def upcycle_state(dense_params: nnx.State, cfg: ModelConfig, seed: int, noise: f
                 is_sparse = stack == "blocks"  # an MoE model's `blocks` are its sparse layers
                 value = source[("blocks", *rest_path)].get_value()[jnp.asarray(layers[is_sparse])]
                 if is_sparse and rest_path[0] == "ffn":
-                    value = _experts(value, experts, noise, jax.random.fold_in(noise_key, n))
+                    key = jax.random.fold_in(noise_key, n)
+                    value = (_granular_experts(value, rest_path[-1], experts, cfg.expert_width, noise, key)
+                             if granular else _experts(value, experts, noise, key))
             else:
                 value = source[path].get_value()
             if value.shape != var.get_value().shape:
@@ -169,29 +196,74 @@ def _experts(weight: jax.Array, experts: int, noise: float, key: jax.Array) -> j
     return (copies.astype(jnp.float32) + noise * std * jax.random.normal(key, copies.shape)).astype(weight.dtype)
 
 
+def _granular_experts(weight: jax.Array, name: str, experts: int, width: int, noise: float,
+                      key: jax.Array) -> jax.Array:
+    """A dense FFN matrix [layers, in, out] -> [layers, E, ., .]: expert e is hidden-unit slice
+    (e mod G) of width `width` (w_gate / w_up: columns; w_down: rows, times G so that G equally
+    weighted experts covering every slice sum to the dense output), plus noise as in _experts
+    with each expert's own std."""
+    layers = weight.shape[0]
+    hidden = weight.shape[1] if name == "w_down" else weight.shape[2]
+    slices = hidden // width
+    if name == "w_down":  # [L, H, D] -> [L, G, w, D], scaled by G
+        parts = weight.reshape(layers, slices, width, weight.shape[-1]) * slices
+    else:  # [L, D, H] -> [L, D, G, w] -> [L, G, D, w]
+        parts = jnp.moveaxis(weight.reshape(layers, weight.shape[1], slices, width), 2, 1)
+    picked = parts[:, jnp.arange(experts) % slices]
+    if noise == 0:
+        return picked
+    std = jnp.std(picked.astype(jnp.float32), axis=(-2, -1), keepdims=True)  # [L, E, 1, 1]
+    return (picked.astype(jnp.float32) + noise * std * jax.random.normal(key, picked.shape)).astype(weight.dtype)
+
+
+def _load_dense(dense_run: Path, step: int | None):
+    """The dense run's model and the checkpoint step it holds: the latest, or `step` (e.g. an
+    intermediate checkpoint to upcycle part-way through the dense run's budget)."""
+    from mixtral_jax.training.checkpoint import Checkpointer
+    from mixtral_jax.training.evaluate import load_run_model  # pulls in the data pipeline: only when used
+
+    if step is None:
+        model, _, latest = load_run_model(dense_run)
+        return model, latest
+    cfg = load_config(dense_run / "config.yaml")
+    checkpointer = Checkpointer(dense_run / "checkpoints", keep=1000)
+    try:
+        if step not in checkpointer.manager.all_steps():
+            raise ConfigError(f"{dense_run} has no checkpoint at step {step} "
+                              f"(it has {sorted(checkpointer.manager.all_steps())})")
+        abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
+        weights = checkpointer.restore_merged(step, {"params": params, "model_state": model_state},
+                                              cfg.finetune.lora, cfg.model.is_moe)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, weights["params"], weights["model_state"]), step
+
+
 def upcycle(dense_run: str | Path, run_dir: str | Path, overrides: list[str] | None = None,
-            noise: float = 0.0) -> Path:
+            noise: float = 0.0, granular: bool = False, step: int | None = None) -> Path:
     """Write an upcycled MoE run directory at run_dir from the dense run dense_run; returns run_dir.
+    granular: fine-grained experts cut from the dense FFN (approximate; module docstring);
+    step: the dense checkpoint to start from (default: the latest).
 
     Refuses (ConfigError / ValueError, one line) before loading any weight: a dense_run that is not
     a run or is already MoE, overrides that change the trunk or the expert width, shared experts,
     a run_dir with checkpoints, negative noise.
     """
-    from mixtral_jax.training.evaluate import load_run_model  # pulls in the data pipeline: only when used
-
     dense_run, run_dir = Path(dense_run), Path(run_dir)
     if not (dense_run / "config.yaml").is_file():
         raise FileNotFoundError(f"{dense_run} is not a run directory (no config.yaml)")
     if not (math.isfinite(noise) and noise >= 0):
         raise ValueError(f"--noise {noise}: must be a finite std >= 0 (relative to each weight's std)")
     check_new_run_dir(run_dir)
-    cfg = upcycle_config(dense_run, list(overrides or []), run_dir)
+    cfg = upcycle_config(dense_run, list(overrides or []), run_dir, granular)
 
-    dense_model, _, step = load_run_model(dense_run)
+    dense_model, step = _load_dense(dense_run, step)
     dense_params = nnx.state(dense_model, nnx.Param)
     params, model_state = upcycle_state(dense_params, cfg.model, cfg.run.seed, noise,
-                                        mesh=make_mesh(MeshConfig(data=1, fsdp=-1)))
+                                        mesh=make_mesh(MeshConfig(data=1, fsdp=-1)), granular=granular)
     del dense_model, dense_params
 
-    meta = {"upcycled_from": str(dense_run.resolve()), "dense_step": step, "noise": noise, "format": "upcycle"}
+    meta = {"upcycled_from": str(dense_run.resolve()), "dense_step": step, "noise": noise, "format": "upcycle",
+            "granular": granular}
     return write_weights_run(run_dir, cfg, params, model_state, meta, dense_run / TOKENIZER)

@@ -1,0 +1,117 @@
+"""dense_vs_moe's scaling ladder (`--ladder`): three widths, each dense and as 16 fine-grained
+experts top-2 of the same active FFN, seeds 0 and 1, one token budget. Per size it reports the
+compute multiplier: how many times the MoE's training FLOPs the dense model needs to reach the
+MoE's final held-out loss, read off the dense eval curve (> 1: the MoE is ahead; < 1: behind).
+Plotted against active parameters and tokens per active parameter, to see whether the sparse
+advantage appears, and grows, with size or with training length.
+Configs: experiments/dense_vs_moe/ladder/ (CPU, about 100 min) and ladder_h100/ (--full-scale)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+from mixtral_jax.experiments import report
+from mixtral_jax.experiments.dense_vs_moe import Arm, ArmRun
+from mixtral_jax.experiments.dense_vs_moe_curves import curve
+from mixtral_jax.experiments.paired_stats import compute_multiplier, paired_gap
+from mixtral_jax.experiments.runner import SMOKE, experiment_config, train_run
+
+SIZES = ("s", "m", "l")
+SEEDS = (0, 1)
+
+
+def _train(out: Path, folder: str, smoke: bool, overrides: Sequence[str]) -> dict[str, dict[str, list[ArmRun]]]:
+    extra = [*(SMOKE if smoke else []), *overrides]
+    runs: dict[str, dict[str, list[ArmRun]]] = {s: {"dense": [], "moe": []} for s in SIZES}
+    for seed in SEEDS[:1] if smoke else SEEDS:  # seed by seed: a ladder cut short has one whole seed
+        for size in SIZES:
+            for kind in ("dense", "moe"):
+                arm = Arm(f"{size}_{kind}", f"{size} {kind}", f"{folder}/{size}_{kind}.yaml", SEEDS)
+                result = train_run(experiment_config("dense_vs_moe", arm.config), [*extra, f"run.seed={seed}"], out,
+                                   f"{arm.name}_seed{seed}")
+                runs[size][kind].append(ArmRun(arm, seed, result))
+    return runs
+
+
+def _size_row(size: str, dense: list[ArmRun], moe: list[ArmRun]) -> dict:
+    d0 = dense[0].result.summary
+    m0 = moe[0].result.summary
+    tokens = curve(moe[0]).tokens[-1]
+    multipliers = []
+    for d, m in zip(dense, moe):
+        cd, cm = curve(d), curve(m)
+        multipliers.append(compute_multiplier(cd.flops, cd.loss, cm.flops[-1], cm.loss[-1]))
+    gap = paired_gap([d.result.summary["eval_loss"] for d in dense], [m.result.summary["eval_loss"] for m in moe])
+    known = [x for x in multipliers if x is not None]
+    return {"size": size, "dim": dense[0].result.cfg.model.dim, "dense_params": d0["params_active"],
+            "moe_params_total": m0["params_total"], "moe_params_active": m0["params_active"], "tokens": tokens,
+            "tokens_per_active_param": tokens / m0["params_active"],
+            "dense_loss": statistics.fmean(d.result.summary["eval_loss"] for d in dense),
+            "moe_loss": statistics.fmean(m.result.summary["eval_loss"] for m in moe),
+            "gap_mean": gap.mean, "gap_ci95": [gap.low, gap.high], "multipliers": multipliers,
+            "multiplier_mean": statistics.fmean(known) if known else None}
+
+
+def _plot(rows: list[dict], out: Path) -> str:
+    fig, axes = report.figure(ncols=2, size=(5.0, 4.0))
+    for ax, key, label in ((axes[0][0], "moe_params_active", "active parameters"),
+                           (axes[0][1], "tokens_per_active_param", "training tokens per active parameter")):
+        for row in rows:
+            # a multiplier the dense curve cannot measure (the MoE below every dense point) is left out
+            ys = [m for m in row["multipliers"] if m is not None]
+            ax.scatter([row[key]] * len(ys), ys, color="tab:red", alpha=0.5)
+            if row["multiplier_mean"] is not None:
+                ax.annotate(row["size"], (row[key], row["multiplier_mean"]), fontsize=9)
+        means = [(r[key], r["multiplier_mean"]) for r in rows if r["multiplier_mean"] is not None]
+        if means:
+            ax.plot(*zip(*means), color="tab:red", marker="o", label="mean over seeds")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log)")
+        ax.set_ylabel("compute multiplier (dense FLOPs / MoE FLOPs at the MoE's final loss)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("scaling ladder: > 1 means the MoE reaches its loss with less compute than dense")
+    return report.save(fig, out / "ladder_multiplier.png")
+
+
+def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), h100: bool = False) -> Path:
+    """Train (or reuse) the ladder under out/ladder (out/ladder_h100), so it never overwrites the
+    study's own report in out/, and write its report.md, PNG and results.json there."""
+    folder = "ladder_h100" if h100 else "ladder"
+    out = out / folder
+    out.mkdir(parents=True, exist_ok=True)
+    runs = _train(out, folder, smoke, overrides)
+    rows = [_size_row(s, runs[s]["dense"], runs[s]["moe"]) for s in SIZES]
+    plot = _plot(rows, out)
+    fmt = lambda x, spec: "not measurable" if x is None else format(x, spec)  # noqa: E731
+    table = report.table(
+        ["size", "dim", "dense params", "MoE total / active", "tokens", "tokens / active param", "dense loss",
+         "MoE loss", "paired gap MoE - dense [95% CI]", "multiplier per seed", "multiplier mean"],
+        [[r["size"], r["dim"], f"{r['dense_params']:,}", f"{r['moe_params_total']:,} / {r['moe_params_active']:,}",
+          f"{r['tokens']:,.0f}", f"{r['tokens_per_active_param']:.2f}", f"{r['dense_loss']:.4f}",
+          f"{r['moe_loss']:.4f}", f"{r['gap_mean']:+.4f} " + ("[n/a]" if r["gap_ci95"][0] is None else
+                                                             f"[{r['gap_ci95'][0]:+.4f}, {r['gap_ci95'][1]:+.4f}]"),
+          ", ".join(fmt(m, ".2f") for m in r["multipliers"]), fmt(r["multiplier_mean"], ".2f")] for r in rows])
+    trend = [r["multiplier_mean"] for r in rows]
+    grows = None if None in trend else all(b > a for a, b in zip(trend, trend[1:]))
+    sections = [
+        f"# dense_vs_moe scaling ladder{' (smoke)' if smoke else ''} ({folder})",
+        f"Per size: dense against 16 experts top-2 of equal active FFN, seeds {', '.join(map(str, SEEDS))}. "
+        "Compute multiplier = dense training FLOPs needed (interpolated on the dense held-out curve) to reach "
+        "the MoE's final held-out loss, over the MoE's training FLOPs; 'not measurable' when the MoE ends below "
+        "every dense eval point (the multiplier then exceeds the dense run's own budget ratio).",
+        table,
+        "Multiplier against size: " + ("not measurable at every size." if grows is None else
+                                       ("grows with every step up the ladder." if grows else
+                                        "does not grow monotonically with size.")),
+        f"![{plot}]({plot})",
+    ]
+    results = {"runs": [{"arm": r.arm.name, "seed": r.seed, "dir": r.result.run_dir.name}
+                        for s in SIZES for k in ("dense", "moe") for r in runs[s][k]],
+               "primary": {"dense": f"{SIZES[-1]}_dense", "moe": f"{SIZES[-1]}_moe"},
+               "sizes": rows, "figures": [plot]}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return report.write_report(out / "report.md", sections)

@@ -1,0 +1,76 @@
+"""dense_vs_moe's verdict: sentences computed from the measured numbers (never written by hand),
+so the report says exactly what the paired interval, the gap's trend and the speed-up show."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from mixtral_jax.experiments.paired_stats import PairedGap
+
+
+def _ci(gap: PairedGap) -> str:
+    if gap.low is None:
+        return f"{gap.mean:+.4f} nats (one seed pair: no interval)"
+    return f"{gap.mean:+.4f} nats (95% CI [{gap.low:+.4f}, {gap.high:+.4f}], n = {gap.n} seed pairs)"
+
+
+def _primary(gap: PairedGap, moe: str, dense: str) -> str:
+    if gap.excludes_zero:
+        side = "lower (better)" if gap.mean < 0 else "HIGHER (worse)"
+        return (f"{moe} ends with a held-out loss {side} than {dense}: paired gap (b) - (a) = {_ci(gap)}; "
+                "the interval excludes zero.")
+    return (f"{moe} and {dense} are NOT distinguishable at this budget: paired gap (b) - (a) = {_ci(gap)}; "
+            "the interval contains zero (or there are too few seeds for one).")
+
+
+def _trend(over: list[dict], trend: dict) -> str:
+    if len(over) < 2:
+        return ""
+    first, mid, last = over[0], over[(len(over) - 1) // 2], over[-1]
+    # direction, not |gap|: a gap that changes sign is neither "widening" nor "narrowing"
+    moves = "falls (in the MoE's favour)" if last["mean"] < mid["mean"] else "rises (against the MoE)"
+    text = (f"Over training the gap goes {first['mean']:+.4f} (step {first['step']}) -> {mid['mean']:+.4f} "
+            f"(step {mid['step']}) -> {last['mean']:+.4f} (step {last['step']}): it {moves} over the second half")
+    slope, zero = trend.get("slope_per_decade"), trend.get("zero_at_tokens")
+    if slope is not None:
+        text += f" ({slope:+.4f} nats per decade of tokens)"
+    if zero is not None and last["mean"] > 0:
+        text += (f"; extrapolated (log-linear, second half only, a rough guide) the MoE would draw level near "
+                 f"{zero:,.3g} tokens, {zero / last['tokens']:.1f}x this budget")
+    elif last["mean"] > 0:
+        text += "; the trend does not point to the MoE drawing level at a larger budget"
+    return text + "."
+
+
+def _speed(speed: Sequence[dict]) -> str:
+    if not speed:
+        return ""
+    reached = [x for x in speed if x["tokens"] is not None]
+    if not reached:
+        return "The MoE never reached the dense arm's final loss (speed-up to target: not reached)."
+    tok = [x["tokens_speedup"] for x in reached]
+    flops = [x["flops_speedup"] for x in reached if x["flops_speedup"]]
+    secs = [x["seconds_speedup"] for x in reached if x["seconds_speedup"]]
+    return (f"The MoE reached its paired dense run's final loss in {len(reached)} of {len(speed)} seeds, with "
+            f"{min(tok):.2f}-{max(tok):.2f}x fewer tokens"
+            + (f", {min(flops):.2f}-{max(flops):.2f}x fewer FLOPs" if flops else "")
+            + (f" and {min(secs):.2f}-{max(secs):.2f}x fewer seconds (x < 1: slower)" if secs else "") + ".")
+
+
+def _others(arms: dict, primary: dict[str, str]) -> str:
+    dense = arms[primary["dense"]]
+    lines = []
+    for name, a in arms.items():
+        if name in primary.values():
+            continue
+        diff = a["final_loss_mean"] - dense["final_loss_mean"]
+        lines.append(f"{a['label']}: {a['final_loss_mean']:.4f} ({diff:+.4f} against (a)'s seed mean; "
+                     f"{len(a['seeds'])} seed{'s' if len(a['seeds']) > 1 else ''}, no interval)")
+    return ("Other arms: " + "; ".join(lines) + ".") if lines else ""
+
+
+def verdict(gap: PairedGap, over: list[dict], trend: dict, speed: Sequence[dict], arms: dict,
+            primary: dict[str, str]) -> str:
+    moe, dense = arms[primary["moe"]]["label"], arms[primary["dense"]]["label"]
+    parts = [_primary(gap, moe, dense), _trend(over, trend), _speed(speed), _others(arms, primary)]
+    return " ".join(p for p in parts if p)
