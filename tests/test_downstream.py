@@ -178,7 +178,7 @@ def test_rolling_loglikelihood_is_the_sum_of_token_logprobs(ours, hf):
 
 def test_generate_until_is_greedy_generate_cut_at_the_stop_sequence(ours):
     lm, model = ours
-    prompts = ["def fib(n):\n    ", "import os\nimport", "x"]
+    prompts = ["def fib(n):\n    ", "import os\nimport"]
     texts = []
     for prompt in prompts:
         new = generate(model, lm.tok_encode(prompt), max_new_tokens=12, eos_id=lm.eot_token_id, max_len=MAX_LEN)
@@ -187,12 +187,13 @@ def test_generate_until_is_greedy_generate_cut_at_the_stop_sequence(ours):
     stop = texts[0][2:4]  # stops inside the first generation
     args = [(prompts[0], {"until": [stop], "max_gen_toks": 12}),
             (prompts[1], {"until": ["\x00never"], "max_gen_toks": 12}),
-            (prompts[2], {"until": ["\x00never"], "max_gen_toks": 12}),
             (prompts[1], {"until": ["\x00never"], "max_gen_toks": 5})]  # its own group: fewer tokens
     got = lm.generate_until(_instances("generate_until", args), disable_tqdm=True)
     five = lm.tok_decode(generate(model, lm.tok_encode(prompts[1]), max_new_tokens=5, eos_id=lm.eot_token_id,
                                   max_len=MAX_LEN))
-    assert got == [texts[0].split(stop)[0], texts[1], texts[2], five]
+    assert got == [texts[0].split(stop)[0], texts[1], five]
+    # Both groups (12 and 5 new tokens) ran the same two programs: a power-of-two cache of 32.
+    assert sorted(kind for kind, _ in lm.programs.shapes if kind != "score") == ["prefill", "step"]
 
 
 def test_training_logs_downstream_metrics_and_eval_agrees(lora_run, task_dir, capsys):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.data.tokenizer import Tokenizer
-from mixtral_jax.downstream.batching import batches, bucket_length, group_rows
+from mixtral_jax.downstream.batching import batches, group_rows, power_of_two
 from mixtral_jax.downstream.scoring import Programs
 from mixtral_jax.models.transformer import Transformer
 
@@ -225,7 +225,8 @@ class MixtralLM(TemplateLM):
             tokens[i, length - len(prompt):] = prompt
             positions[i, length - len(prompt):] = np.arange(len(prompt))
             lengths[i] = len(prompt)
-        token, cache = self.programs.prefill(tokens, positions, length + max_gen)
+        # A power-of-two cache, so tasks asking for different max_gen_toks share programs.
+        token, cache = self.programs.prefill(tokens, positions, power_of_two(length + max_gen))
         stops = [s for s in until if s]
         new: list[list[int]] = [[] for _ in prompts]
         active = set(range(len(prompts)))

@@ -15,15 +15,20 @@ from typing import Iterator, Sequence
 MIN_BUCKET = 16  # the shortest padded length: below it a shorter program saves nothing measurable
 
 
+def power_of_two(n: int, smallest: int = MIN_BUCKET) -> int:
+    """The least power of two >= n, and >= `smallest`."""
+    length = smallest
+    while length < n:
+        length *= 2
+    return length
+
+
 def bucket_length(n: int, cap: int, smallest: int = MIN_BUCKET) -> int:
     """The padded length for `n` tokens: the next power of two from `smallest` up, at most `cap`
     (the model's context; `n` itself must fit it)."""
     if not 0 < n <= cap:
         raise ValueError(f"{n} tokens do not fit a context of {cap}")
-    length = smallest
-    while length < n:
-        length *= 2
-    return min(length, cap)
+    return min(power_of_two(n, smallest), cap)
 
 
 def rows_for(length: int, batch_size: int, max_batch_tokens: int | None) -> int:
