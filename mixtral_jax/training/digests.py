@@ -181,6 +181,8 @@ def read_record(step_dir: Path, step: int) -> dict | None:
     digests existed. DigestFileDamaged if a digests file is unreadable."""
     folder = Path(step_dir) / ITEM
     if not folder.is_dir():
+        if _declared(Path(step_dir)):  # lost, not old: deleting digests must not skip the check
+            raise DigestFileDamaged(step, f"{ITEM}/", "missing, though the step was saved with digests")
         return None
     files = sorted(folder.glob("process_*.json"))
     if not files:
@@ -202,6 +204,14 @@ def read_record(step_dir: Path, step: int) -> dict | None:
                 into["shards"].update(entry["shards"])
         merged["objects"].update(record.get("objects", {}))
     return merged
+
+
+def _declared(step_dir: Path) -> bool:
+    """Whether orbax's step metadata lists a digests item."""
+    try:
+        return ITEM in json.loads((step_dir / "_CHECKPOINT_METADATA").read_text()).get("item_handlers", {})
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _region_digest(arr: jax.Array, region: tuple[slice, ...], algorithm: str) -> str | None:
