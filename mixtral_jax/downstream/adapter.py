@@ -7,12 +7,13 @@ backend (`HFLM`) does. Tokenization matches HFLM on an `export-hf` directory: ou
 model with BOS first (as a Mistral tokenizer's `encode` adds it) unless `add_special_tokens`
 says otherwise.
 
-Device work is batched into a few fixed shapes (batching.py): requests sorted longest first,
-padded to a power-of-two length bucket, `batch_size` rows per batch, so a task compiles one
-program per bucket. Requests whose model input is identical (multiple choice with one-token
-answers) share one row. Generation is greedy with the KV cache: left-padded prompts (the pads
-left out of the cache) prefilled in one call, then one compiled step per token for the whole
-batch, stopping each row at EOS, a stop sequence or `max_gen_toks`.
+Scoring runs in a few fixed shapes (batching.py): requests whose model input is identical
+(multiple choice with one-token answers) share one pass; inputs, longest first, are packed as
+separate documents into `batch_size` rows of a power-of-two length, so a task compiles one or
+two programs and computes little padding. Only the continuation tokens' log-probabilities and
+greedy flags come back from the device. Generation is greedy with the KV cache: left-padded
+prompts (the pads left out of the cache) prefilled in one call, then one compiled step per token
+for the whole batch, stopping each row at EOS, a stop sequence or `max_gen_toks`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.data.tokenizer import Tokenizer
-from mixtral_jax.downstream.batching import batches, group_rows, power_of_two
+from mixtral_jax.downstream.batching import batches, group_inputs, pack, power_of_two, rows_for
 from mixtral_jax.downstream.scoring import Programs
 from mixtral_jax.models.transformer import Transformer
 
@@ -125,35 +126,42 @@ class MixtralLM(TemplateLM):
         inputs, last, spans = [], [], []
         for _, context, continuation in requests:
             whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-            inputs.append(whole[:-1])
-            last.append(whole[-1] if continuation else None)
+            inputs.append(whole[:-1] if continuation else [])
+            last.append(whole[-1])
             spans.append(len(continuation))
         answers: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # an empty continuation
-        rows = [row for row in group_rows(inputs) if row.inputs]
-        pad = self.sp.pad_id
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Scoring (mixtral_jax)")
-        for length, n_rows, batch in batches(rows, [len(r.inputs) for r in rows], self.max_length, self.batch_size,
-                                             self.max_batch_tokens):
-            tokens = np.full((n_rows, length), pad, np.int32)
-            targets = np.full((n_rows, length), pad, np.int32)
-            ends = np.zeros((n_rows,), np.int32)
-            for i, row in enumerate(batch):
-                n = len(row.inputs)
-                tokens[i, :n] = row.inputs
-                targets[i, :n - 1] = row.inputs[1:]  # the last target differs between the row's members
-                ends[i] = n - 1
-            scores = self.programs.score(tokens, targets, ends)
-            for i, row in enumerate(batch):
-                n = len(row.inputs)
-                for member in row.members:
-                    if last[member] is None:
-                        continue
-                    start = n - spans[member]
-                    logprob = float(np.sum(scores.target_logprob[i, start:n - 1], dtype=np.float64))
-                    logprob += float(scores.last_logprob[i, last[member]])
-                    greedy = bool(np.all(scores.target_greedy[i, start:n - 1])) and int(scores.last_argmax[i]) == last[member]
-                    answers[member] = (logprob, greedy)
-                bar.update(len(row.members))
+        for length, rows in pack(group_inputs(inputs), self.max_length, self.batch_size, self.max_batch_tokens):
+            n_rows = rows_for(length, self.batch_size, self.max_batch_tokens)
+            tokens = np.full((n_rows, length), self.sp.pad_id, np.int32)
+            positions = np.zeros((n_rows, length), np.int32)
+            segments = np.zeros((n_rows, length), np.int32)  # 0: padding
+            q_pos = np.zeros((n_rows, 2 * length), np.int32)  # a row's queries: <= 2 x its tokens
+            q_tok = np.zeros((n_rows, 2 * length), np.int32)
+            placed = []  # (row, first shared query, shared queries, group)
+            for b, row in enumerate(rows):
+                offset = queries = 0
+                for segment, group in enumerate(row, start=1):
+                    n = len(group.inputs)
+                    tokens[b, offset:offset + n] = group.inputs
+                    positions[b, offset:offset + n] = np.arange(n)
+                    segments[b, offset:offset + n] = segment
+                    # Every continuation token but the last is an input token: queries shared by
+                    # the group's members; then each member's own last token, after the input.
+                    shared = max(spans[m] for m in group.members) - 1
+                    targets = [(offset + p, group.inputs[p + 1]) for p in range(n - 1 - shared, n - 1)]
+                    targets += [(offset + n - 1, last[m]) for m in group.members]
+                    q_pos[b, queries:queries + len(targets)], q_tok[b, queries:queries + len(targets)] = zip(*targets)
+                    placed.append((b, queries, shared, group))
+                    offset, queries = offset + n, queries + len(targets)
+            scores = self.programs.score(tokens, positions, segments, q_pos, q_tok)
+            for b, first, shared, group in placed:
+                for k, member in enumerate(group.members):
+                    own = slice(first + shared - (spans[member] - 1), first + shared)
+                    mine = first + shared + k
+                    logprob = float(np.sum(scores.logprob[b, own], dtype=np.float64) + scores.logprob[b, mine])
+                    answers[member] = (logprob, bool(scores.greedy[b, own].all() and scores.greedy[b, mine]))
+                bar.update(len(group.members))
         bar.close()
         for (key, _, _), answer in zip(requests, answers):
             if key is not None:

@@ -1,18 +1,27 @@
 """How scoring requests become a few fixed-shape device batches.
 
-Every batch the adapter sends to the device has `rows` rows of `length` tokens, with `length`
-one of a handful of buckets (powers of two from `MIN_BUCKET`, capped at the model's context), so
-a whole task compiles one program per bucket it touches, not one per request. Rows are sorted
-longest first (lm-eval's Collator order), so each batch's bucket is set by its first row and the
-padding within a batch stays small.
+Requests whose model input is the same (context + continuation without its last token: the
+choices of a multiple-choice question with one-token answers) form one `Group`, scored by one
+pass over that input, as lm-eval's HF backend shares them. Groups, longest first (lm-eval's
+Collator order), are packed into rows of a fixed length as separate documents (their own
+positions and segment ids, so none attends to another): a row holds the longest group left and
+then the longest that still fit, first-fit decreasing, so rows carry little padding whatever the
+spread of lengths.
+
+Every batch has `rows_for(L)` rows of length L, with L a power of two from `MIN_BUCKET` (capped
+at the model's context): the bucket of the longest group, kept for the later, shorter groups
+until they are `SHRINK` times shorter than L. A task then compiles one or two programs, not one
+per request length.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-MIN_BUCKET = 16  # the shortest padded length: below it a shorter program saves nothing measurable
+MIN_BUCKET = 16  # the shortest row: below it a shorter program saves nothing measurable
+SHRINK = 4  # a new, shorter row length once the longest group left is this many times shorter
 
 
 def power_of_two(n: int, smallest: int = MIN_BUCKET) -> int:
@@ -24,16 +33,16 @@ def power_of_two(n: int, smallest: int = MIN_BUCKET) -> int:
 
 
 def bucket_length(n: int, cap: int, smallest: int = MIN_BUCKET) -> int:
-    """The padded length for `n` tokens: the next power of two from `smallest` up, at most `cap`
-    (the model's context; `n` itself must fit it)."""
+    """The row length for an input of `n` tokens: the next power of two from `smallest` up, at
+    most `cap` (the model's context; `n` itself must fit it)."""
     if not 0 < n <= cap:
         raise ValueError(f"{n} tokens do not fit a context of {cap}")
     return min(power_of_two(n, smallest), cap)
 
 
 def rows_for(length: int, batch_size: int, max_batch_tokens: int | None) -> int:
-    """Rows per batch at this padded length: `batch_size`, halved (a power-of-two split, so each
-    bucket still has one shape) while rows x length exceeds `max_batch_tokens`."""
+    """Rows per batch at this row length: `batch_size`, halved (a power-of-two split, so each
+    length still has one shape) while rows x length exceeds `max_batch_tokens`."""
     rows = batch_size
     while max_batch_tokens and rows > 1 and rows * length > max_batch_tokens:
         rows = (rows + 1) // 2
@@ -41,30 +50,69 @@ def rows_for(length: int, batch_size: int, max_batch_tokens: int | None) -> int:
 
 
 @dataclass
-class Row:
-    """One distinct model input and the requests it answers: requests whose inputs (context +
-    continuation without its last token, truncated to the context) are equal differ only in the
-    last target token, so one forward serves them all (lm-eval's one-token continuation cache)."""
+class Group:
+    """One distinct model input and the requests (indices) it answers. Requests with equal
+    inputs differ only in their last target token, so one pass serves them all."""
 
     inputs: tuple[int, ...]
-    members: list[int] = field(default_factory=list)  # request indices
+    members: list[int] = field(default_factory=list)
 
 
-def group_rows(inputs: Sequence[Sequence[int]]) -> list[Row]:
-    """Requests with equal inputs share one Row, in lm-eval's Collator order: longest first,
-    ties by the tokens themselves."""
-    rows: dict[tuple[int, ...], Row] = {}
+def group_inputs(inputs: Sequence[Sequence[int]]) -> list[Group]:
+    """Requests with equal (non-empty) inputs share a Group, longest first, ties by the tokens
+    (lm-eval's Collator order). A group holds at most as many requests as its input has tokens
+    (more become a second group), so the queries of a row never exceed twice its length."""
+    shared: dict[tuple[int, ...], list[int]] = {}
     for index, tokens in enumerate(inputs):
-        key = tuple(tokens)
-        rows.setdefault(key, Row(key)).members.append(index)
-    return sorted(rows.values(), key=lambda row: (-len(row.inputs), row.inputs))
+        if tokens:
+            shared.setdefault(tuple(tokens), []).append(index)
+    groups = [Group(key, members[i:i + len(key)]) for key, members in shared.items()
+              for i in range(0, len(members), len(key))]
+    return sorted(groups, key=lambda g: (-len(g.inputs), g.inputs))
+
+
+def pack(groups: Sequence[Group], cap: int, batch_size: int,
+         max_batch_tokens: int | None = None) -> Iterator[tuple[int, list[list[Group]]]]:
+    """(row length L, rows) per batch, every group once: `groups` sorted longest first (as
+    group_inputs returns them) packed into at most rows_for(L) rows whose lengths sum to <= L."""
+    by_length: dict[int, list[Group]] = {}
+    for group in reversed(groups):  # each list's last element is its first in order: pop() takes it
+        by_length.setdefault(len(group.inputs), []).append(group)
+    lengths = sorted(by_length)
+
+    def take(limit: int) -> Group | None:
+        """The first of the longest groups left that have at most `limit` tokens."""
+        i = bisect.bisect_right(lengths, limit) - 1
+        if i < 0:
+            return None
+        n = lengths[i]
+        group = by_length[n].pop()
+        if not by_length[n]:
+            del by_length[n]
+            lengths.pop(i)
+        return group
+
+    length = 0
+    while lengths:
+        if not length or SHRINK * lengths[-1] <= length:
+            length = bucket_length(lengths[-1], cap)
+        rows: list[list[Group]] = []
+        for _ in range(rows_for(length, batch_size, max_batch_tokens)):
+            row, free = [], length
+            while (group := take(free)) is not None:
+                row.append(group)
+                free -= len(group.inputs)
+            if not row:
+                break
+            rows.append(row)
+        yield length, rows
 
 
 def batches(items: Sequence, lengths: Sequence[int], cap: int, batch_size: int,
             max_batch_tokens: int | None = None) -> Iterator[tuple[int, int, list]]:
-    """(padded length, rows per batch, items) for consecutive runs of `items`, already sorted
-    longest first (`lengths` are their token counts): each batch takes as many items as its
-    bucket's row count allows."""
+    """Unpacked batches for generation, one prompt per row: (padded length, rows per batch,
+    items) over consecutive runs of `items`, sorted longest first (`lengths` their token counts),
+    each batch as many as its length's row count allows."""
     start = 0
     while start < len(items):
         length = bucket_length(lengths[start], cap)

@@ -11,6 +11,7 @@ training run evaluating every few hundred steps should not pay).
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import random
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mixtral_jax.config import ConfigError
+from mixtral_jax.downstream import tasks as shipped
 from mixtral_jax.downstream.offline import stay_offline
 
 RANDOM_SEED, NUMPY_SEED, TORCH_SEED, FEWSHOT_SEED = 0, 1234, 1234, 1234  # simple_evaluate's defaults
@@ -61,8 +63,9 @@ class TaskSuite:
     def resolve(cls, names: Sequence[str], include_path: str | Path | Sequence[str | Path] | None = None,
                 online: bool = False) -> "TaskSuite":
         """Every name must be a task, group or tag (or match one as a glob, or be a task YAML);
-        an unknown one is one ConfigError naming the closest known names. When include_path
-        defines every name, lm-eval's own task folders (14k entries) are not indexed."""
+        an unknown one is one ConfigError naming the closest known names. The shipped task
+        (`python_next_line`, tasks.py) is found without include_path. When the include paths
+        define every name, lm-eval's own task folders (14k entries) are not indexed."""
         names = [n.strip() for n in names if n.strip()]
         if not names:
             raise ConfigError("no task given (--tasks NAME[,NAME...])")
@@ -70,6 +73,8 @@ class TaskSuite:
         from lm_eval.tasks import TaskManager
 
         paths = _include_paths(include_path)
+        if any(fnmatch.fnmatchcase(shipped.TASK, name) for name in names):
+            paths.append(str(shipped.shipped_task_dir()))  # built on first use, offline
         if paths:
             local = TaskManager(include_path=paths, include_defaults=False)
             known, unknown = _expand(names, local)

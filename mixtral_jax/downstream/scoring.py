@@ -23,25 +23,25 @@ from mixtral_jax.parallel.mesh import traced_under
 
 
 class Scores(NamedTuple):
-    """A scored batch, on the host. Positions index the input row: position t predicts token t + 1."""
+    """A scored batch's queries, on the host: query j of row b asks for token q_tok[b, j] at row
+    position q_pos[b, j], i.e. as the token after that position."""
 
-    target_logprob: np.ndarray  # [B, T] log p(targets[t] | inputs[:t + 1])
-    target_greedy: np.ndarray  # [B, T] whether targets[t] is the argmax there
-    last_logprob: np.ndarray  # [B, V] the whole log-distribution at each row's `last` position
-    last_argmax: np.ndarray  # [B] its argmax
+    logprob: np.ndarray  # [B, Q] log p(token | the row's document up to that position)
+    greedy: np.ndarray  # [B, Q] whether the token is the argmax there
 
 
-def _score(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array,
-           last: jax.Array) -> tuple[jax.Array, ...]:
+def _score(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
+           segments: jax.Array, q_pos: jax.Array, q_tok: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows of packed documents [B, T] (each with its own positions and segment id; 0 = padding)
+    -> the log-probability and greedy flag of every query [B, Q]."""
     model = nnx.merge(graphdef, state)
-    logits = model(inputs).logits  # [B, T, V] float32
+    logits = model(tokens, positions=positions, segment_ids=segments).logits  # [B, T, V] float32
     # log p = logit - logsumexp: no [B, T, V] log-softmax is materialised, only what is returned.
     norm = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logprob = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - norm
-    greedy = jnp.argmax(logits, axis=-1)
-    rows = jnp.arange(inputs.shape[0])
-    last_logprob = logits[rows, last] - norm[rows, last][:, None]
-    return target_logprob, greedy == targets, last_logprob, greedy[rows, last]
+    best = jnp.argmax(logits, axis=-1)  # [B, T]
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    logprob = logits[rows, q_pos, q_tok] - norm[rows, q_pos]
+    return logprob, best[rows, q_pos] == q_tok
 
 
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
@@ -79,9 +79,10 @@ class Programs:
         self.shapes: set[tuple[str, tuple[int, ...]]] = set()  # (program, shape) pairs dispatched
         self.model = model
 
-    def score(self, inputs: np.ndarray, targets: np.ndarray, last: np.ndarray) -> Scores:
-        self.shapes.add(("score", inputs.shape))
-        out = self._score(self.graphdef, self.state, inputs, targets, last)
+    def score(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray, q_pos: np.ndarray,
+              q_tok: np.ndarray) -> Scores:
+        self.shapes.add(("score", tokens.shape))
+        out = self._score(self.graphdef, self.state, tokens, positions, segments, q_pos, q_tok)
         return Scores(*jax.device_get(out))
 
     def prefill(self, tokens: np.ndarray, positions: np.ndarray, cache_len: int) -> tuple[np.ndarray, Any]:
