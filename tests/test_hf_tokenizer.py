@@ -23,7 +23,7 @@ from mixtral_jax.config import load_config  # noqa: E402
 from mixtral_jax.data import corpus  # noqa: E402
 from mixtral_jax.data.instruct import read_instruct_jsonl, render_text  # noqa: E402
 from mixtral_jax.data.tokenizer import Tokenizer, load_or_train_tokenizer  # noqa: E402
-from mixtral_jax.interop import hf  # noqa: E402
+from mixtral_jax.interop import hf_tokenizer  # noqa: E402
 from mixtral_jax.interop.convert import write_weights_run  # noqa: E402
 from mixtral_jax.models.transformer import Transformer  # noqa: E402
 
@@ -178,7 +178,7 @@ def test_mistral_style_model_with_dummy_prefix_and_user_pieces(tmp_path, heldout
     ours = Tokenizer.from_file(path)
     assert ours.adds_dummy_prefix and ours.piece_id("[INST]") is not None
     out = tmp_path / "exported"
-    hf.save_tokenizer(path, out, model_max_length=1 << 20)
+    hf_tokenizer.save_tokenizer(path, out, model_max_length=1 << 20)
     (out / "config.json").write_text(json.dumps({"model_type": "mistral", "vocab_size": ours.vocab_size}))
     texts = heldout_lines[4000:7000] + EDGE_CASES + ["[INST] What? [/INST] This.", "x[INST]y", " [INST]"]
     for theirs in _loaded(out):
@@ -187,6 +187,6 @@ def test_mistral_style_model_with_dummy_prefix_and_user_pieces(tmp_path, heldout
 
 def test_non_bpe_or_unparsable_models_are_copied_only(tmp_path, caplog):
     (tmp_path / "x.model").write_bytes(b"not a sentencepiece model")
-    assert hf.save_tokenizer(tmp_path / "x.model", tmp_path / "out") == [tmp_path / "out" / "tokenizer.model"]
+    assert hf_tokenizer.save_tokenizer(tmp_path / "x.model", tmp_path / "out") == [tmp_path / "out" / "tokenizer.model"]
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"not a sentencepiece model"
     assert "tokenizer.model only" in caplog.text

@@ -22,7 +22,7 @@ from flax import nnx
 
 from mixtral_jax.config import (Config, DataConfig, MeshConfig, ModelConfig, RunConfig, load_config, save_config,
                                 validate)
-from mixtral_jax.interop import hf
+from mixtral_jax.interop import hf, hf_tokenizer
 from mixtral_jax.interop import mistral_format
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.training.checkpoint import WEIGHTS, Checkpointer
@@ -125,7 +125,7 @@ def run_tokenizer(run_dir: Path, cfg: Config) -> Path | None:
 def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a run's latest weights as an HF directory (config.json + model.safetensors) and its
     tokenizer as one `AutoTokenizer` loads and that encodes exactly as ours (tokenizer.model,
-    tokenizer.json, tokenizer_config.json; see hf.save_tokenizer)."""
+    tokenizer.json, tokenizer_config.json; see hf_tokenizer.save_tokenizer)."""
     from mixtral_jax.training.evaluate import load_run_model  # pulls in the data pipeline: only when used
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -145,5 +145,5 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     hf.save(model, cfg.model, out_dir)
     tokenizer = run_tokenizer(run_dir, cfg)
     if tokenizer is not None:
-        hf.save_tokenizer(tokenizer, out_dir, model_max_length=cfg.model.max_seq_len)
+        hf_tokenizer.save_tokenizer(tokenizer, out_dir, model_max_length=cfg.model.max_seq_len)
     return out_dir
