@@ -84,6 +84,14 @@ def test_train_loop_smoke_compares_the_real_loop_with_torch(corpus_cache):
     assert len(ratios) == 1 and next(iter(ratios)).startswith("worst ours/torch ("), ratios
 
 
+def test_downstream_smoke_scores_the_same_requests_as_lm_evals_hf_backend(corpus_cache):
+    # The script exits non-zero when its log-likelihoods and HFLM's differ by more than 1e-3.
+    for module in ("lm_eval", "transformers", "accelerate"):
+        pytest.importorskip(module)
+    ratios = _run_smoke("downstream")
+    assert set(ratios) == {"ours/HF requests/s (warm)", "ours/HF requests/s (compiles included)"}, ratios
+
+
 def test_checkpoint_integrity_smoke_prints_save_and_restore_ratios():
     ratios = _run_smoke("checkpoint_integrity")
     assert set(ratios) == {f"quickstart {kind} with/without digests"
