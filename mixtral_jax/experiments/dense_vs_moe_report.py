@@ -73,7 +73,8 @@ def _fmt_big(x: float | None, spec: str = ".3g") -> str:
     return "not reached" if x is None else format(x, spec)
 
 
-def write(out: Path, runs: Sequence[ArmRun], primary: dict[str, str], smoke: bool = False) -> Path:
+def write(out: Path, runs: Sequence[ArmRun], primary: dict[str, str], smoke: bool = False,
+          note: str | None = None) -> Path:
     from mixtral_jax.experiments.dense_vs_moe_verdict import verdict
 
     arms = _by_arm(runs)
@@ -132,9 +133,11 @@ def write(out: Path, runs: Sequence[ArmRun], primary: dict[str, str], smoke: boo
         f"Primary claim: {moe[0].arm.label} against {dense[0].arm.label} at equal active compute, paired by seed "
         f"(same seed = same data order). {base.cfg.train.steps} steps x {per_step:,} tokens "
         f"(seq {base.cfg.data.seq_len}, batch {base.cfg.data.batch_size}); held-out: the same {heldout:,} tokens "
-        f"for every run, evaluated every {base.cfg.train.eval_every} steps. Hardware `{base.summary['hardware']}` "
-        f"({base.summary['peak_source']} peak {base.summary['peak_tflops']:.3g} TFLOP/s). Mean ± sample std "
-        "over seeds; intervals are 95% t-intervals over the paired seed differences.",
+        f"for every run, evaluated every {base.cfg.train.eval_every} steps. Hardware "
+        f"`{base.summary.get('hardware', 'n/a')}` ({base.summary.get('peak_source', 'n/a')} peak "
+        f"{report.fmt(base.summary.get('peak_tflops'), '.3g')} TFLOP/s). Mean ± sample std "
+        "over seeds; intervals are 95% t-intervals over the paired seed differences."
+        + (f"\n\n**{note}**" if note else ""),
         "## Result\n\n" + text,
         "## Arms\n\n" + report.table(["arm", "params total / active", "train FLOPs/token", "tokens", "training FLOPs",
                                      "lr", "seeds", "final held-out loss", "tokens/s (median step)",
