@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.data.tokenizer import Tokenizer
-from mixtral_jax.downstream.batching import batches, group_inputs, pack, power_of_two, rows_for
-from mixtral_jax.downstream.scoring import Programs
+from mixtral_jax.downstream.batching import Group, batches, group_inputs, pack, power_of_two, rows_for
+from mixtral_jax.downstream.scoring import Programs, Scores
 from mixtral_jax.models.transformer import Transformer
 
 DEFAULT_BATCH_SIZE = 16
@@ -131,42 +131,53 @@ class MixtralLM(TemplateLM):
             spans.append(len(continuation))
         answers: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # an empty continuation
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Scoring (mixtral_jax)")
-        for length, rows in pack(group_inputs(inputs), self.max_length, self.batch_size, self.max_batch_tokens):
-            n_rows = rows_for(length, self.batch_size, self.max_batch_tokens)
-            tokens = np.full((n_rows, length), self.sp.pad_id, np.int32)
-            positions = np.zeros((n_rows, length), np.int32)
-            segments = np.zeros((n_rows, length), np.int32)  # 0: padding
-            q_pos = np.zeros((n_rows, 2 * length), np.int32)  # a row's queries: <= 2 x its tokens
-            q_tok = np.zeros((n_rows, 2 * length), np.int32)
-            placed = []  # (row, first shared query, shared queries, group)
-            for b, row in enumerate(rows):
-                offset = queries = 0
-                for segment, group in enumerate(row, start=1):
-                    n = len(group.inputs)
-                    tokens[b, offset:offset + n] = group.inputs
-                    positions[b, offset:offset + n] = np.arange(n)
-                    segments[b, offset:offset + n] = segment
-                    # Every continuation token but the last is an input token: queries shared by
-                    # the group's members; then each member's own last token, after the input.
-                    shared = max(spans[m] for m in group.members) - 1
-                    targets = [(offset + p, group.inputs[p + 1]) for p in range(n - 1 - shared, n - 1)]
-                    targets += [(offset + n - 1, last[m]) for m in group.members]
-                    q_pos[b, queries:queries + len(targets)], q_tok[b, queries:queries + len(targets)] = zip(*targets)
-                    placed.append((b, queries, shared, group))
-                    offset, queries = offset + n, queries + len(targets)
-            scores = self.programs.score(tokens, positions, segments, q_pos, q_tok)
-            for b, first, shared, group in placed:
-                for k, member in enumerate(group.members):
-                    own = slice(first + shared - (spans[member] - 1), first + shared)
-                    mine = first + shared + k
-                    logprob = float(np.sum(scores.logprob[b, own], dtype=np.float64) + scores.logprob[b, mine])
-                    answers[member] = (logprob, bool(scores.greedy[b, own].all() and scores.greedy[b, mine]))
-                bar.update(len(group.members))
+        groups = group_inputs(inputs, spans)
+        for quarter in (True, False):  # light groups (logits at <= 1/4 of the tokens) apart from the rest
+            part = [g for g in groups if g.light == quarter]
+            for length, rows in pack(part, self.max_length, self.batch_size, self.max_batch_tokens):
+                scores, placed = self._score_rows(length, length // 4 if quarter else length, rows, last)
+                for b, first, group in placed:
+                    shared = group.head - 1
+                    for k, member in enumerate(group.members):
+                        own = slice(first + shared - (spans[member] - 1), first + shared)
+                        mine = first + shared + k
+                        logprob = float(np.sum(scores.logprob[b, own], dtype=np.float64) + scores.logprob[b, mine])
+                        answers[member] = (logprob, bool(scores.greedy[b, own].all() and scores.greedy[b, mine]))
+                    bar.update(len(group.members))
         bar.close()
         for (key, _, _), answer in zip(requests, answers):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return answers
+
+    def _score_rows(self, length: int, heads: int, rows: list[list[Group]], last: list[int]
+                    ) -> tuple[Scores, list[tuple[int, int, Group]]]:
+        """One device batch: `rows` of groups packed as separate documents into rows of `length`
+        tokens, logits at `heads` positions per row. Returns the scores and, per group, its row
+        and first query: its head - 1 shared queries (the continuation tokens inside the input),
+        then one per member (its last token, after the input)."""
+        n_rows = rows_for(length, self.batch_size, self.max_batch_tokens)
+        tokens = np.full((n_rows, length), self.sp.pad_id, np.int32)
+        positions = np.zeros((n_rows, length), np.int32)
+        segments = np.zeros((n_rows, length), np.int32)  # 0: padding
+        head_pos = np.zeros((n_rows, heads), np.int32)
+        q_idx = np.zeros((n_rows, 4 * heads), np.int32)  # group_inputs keeps a row's queries within 4x
+        q_tok = np.zeros((n_rows, 4 * heads), np.int32)
+        placed = []
+        for b, row in enumerate(rows):
+            offset = used = queries = 0
+            for segment, group in enumerate(row, start=1):
+                n, h = len(group.inputs), group.head
+                tokens[b, offset:offset + n] = group.inputs
+                positions[b, offset:offset + n] = np.arange(n)
+                segments[b, offset:offset + n] = segment
+                head_pos[b, used:used + h] = offset + np.arange(n - h, n)
+                targets = [(used + i, group.inputs[n - h + i + 1]) for i in range(h - 1)]
+                targets += [(used + h - 1, last[m]) for m in group.members]
+                q_idx[b, queries:queries + len(targets)], q_tok[b, queries:queries + len(targets)] = zip(*targets)
+                placed.append((b, queries, group))
+                offset, used, queries = offset + n, used + h, queries + len(targets)
+        return self.programs.score(tokens, positions, segments, head_pos, q_idx, q_tok), placed
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Each string's whole log-likelihood in disjoint windows of up to max_length tokens,

@@ -10,8 +10,11 @@ spread of lengths.
 
 Every batch has `rows_for(L)` rows of length L, with L a power of two from `MIN_BUCKET` (capped
 at the model's context): the bucket of the longest group, kept for the later, shorter groups
-until they are `SHRINK` times shorter than L. A task then compiles one or two programs, not one
-per request length.
+until they are `SHRINK` times shorter than L. Only the positions whose next token is scored
+need the output projection (vocabulary-sized, a quarter of a small model's FLOPs): groups that
+need it at no more than a quarter of their tokens ("light", the usual question + answer) are
+packed apart, into rows that compute it at L / 4 positions. A task then compiles one or two
+programs, not one per request length.
 """
 
 from __future__ import annotations
@@ -56,18 +59,32 @@ class Group:
 
     inputs: tuple[int, ...]
     members: list[int] = field(default_factory=list)
+    head: int = 1  # positions (the input's last ones) whose next-token logits the members read
+
+    @property
+    def light(self) -> bool:
+        """Needs logits at no more than a quarter of its positions (a question's answer after its
+        context): packed into rows that compute the output projection at a quarter of theirs."""
+        return 4 * self.head <= len(self.inputs)
 
 
-def group_inputs(inputs: Sequence[Sequence[int]]) -> list[Group]:
+def group_inputs(inputs: Sequence[Sequence[int]], spans: Sequence[int]) -> list[Group]:
     """Requests with equal (non-empty) inputs share a Group, longest first, ties by the tokens
-    (lm-eval's Collator order). A group holds at most as many requests as its input has tokens
-    (more become a second group), so the queries of a row never exceed twice its length."""
+    (lm-eval's Collator order). `spans`: each request's continuation length, whose last tokens
+    are what it scores; a group's `head` is the longest (the positions it needs logits at). A
+    group holds at most 3 x head + 1 requests (more become further groups), so a row's queries
+    (head - 1 shared, one per request) stay within 4x its head positions."""
     shared: dict[tuple[int, ...], list[int]] = {}
     for index, tokens in enumerate(inputs):
         if tokens:
             shared.setdefault(tuple(tokens), []).append(index)
-    groups = [Group(key, members[i:i + len(key)]) for key, members in shared.items()
-              for i in range(0, len(members), len(key))]
+    groups = []
+    for key, members in shared.items():
+        members = sorted(members, key=lambda m: (-spans[m], m))
+        while members:
+            head = min(spans[members[0]], len(key))
+            groups.append(Group(key, members[:3 * head + 1], head))
+            members = members[3 * head + 1:]
     return sorted(groups, key=lambda g: (-len(g.inputs), g.inputs))
 
 

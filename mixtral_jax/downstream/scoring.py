@@ -23,25 +23,46 @@ from mixtral_jax.parallel.mesh import traced_under
 
 
 class Scores(NamedTuple):
-    """A scored batch's queries, on the host: query j of row b asks for token q_tok[b, j] at row
-    position q_pos[b, j], i.e. as the token after that position."""
+    """A scored batch's queries, on the host: query j of row b asks for token q_tok[b, j] as the
+    token after row position head_pos[b, q_idx[b, j]]."""
 
     logprob: np.ndarray  # [B, Q] log p(token | the row's document up to that position)
     greedy: np.ndarray  # [B, Q] whether the token is the argmax there
 
 
-def _score(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
-           segments: jax.Array, q_pos: jax.Array, q_tok: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _final_hidden(model: Transformer, tokens: jax.Array, positions: jax.Array, segments: jax.Array) -> jax.Array:
+    """The model's normed final residual stream [B, T, dim] (its final norm's output), read with
+    nnx.capture; the model's own output projection over every position is then unused, and XLA
+    leaves it out of the program."""
+    capture = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)
+    _, captured = capture(tokens, positions=positions, segment_ids=segments)
+    (hidden,) = captured["final_norm"]["__call__"].get_value()
+    return hidden
+
+
+def _logits(model: Transformer, hidden: jax.Array) -> jax.Array:
+    """The output projection of normed hidden states [B, H, dim] -> logits [B, H, V] float32,
+    computed as Transformer._head computes it after its norm (one 2-D matmul in the compute
+    dtype; the LM head, or the embedding when tied)."""
+    b, h, d = hidden.shape
+    weight = model.embed[...].T if model.tie_embeddings else model.lm_head[...]
+    rows = hidden.reshape(b * h, d).astype(model.dtype)
+    return model.kernels.matmul(rows, weight.astype(model.dtype), out_dtype=jnp.float32).reshape(b, h, -1)
+
+
+def _score(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segments: jax.Array,
+           head_pos: jax.Array, q_idx: jax.Array, q_tok: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rows of packed documents [B, T] (each with its own positions and segment id; 0 = padding)
-    -> the log-probability and greedy flag of every query [B, Q]."""
+    -> the log-probability and greedy flag of every query [B, Q]. Logits are computed only at
+    the H head positions per row [B, H] that queries read (the continuations' positions)."""
     model = nnx.merge(graphdef, state)
-    logits = model(tokens, positions=positions, segment_ids=segments).logits  # [B, T, V] float32
-    # log p = logit - logsumexp: no [B, T, V] log-softmax is materialised, only what is returned.
-    norm = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    best = jnp.argmax(logits, axis=-1)  # [B, T]
     rows = jnp.arange(tokens.shape[0])[:, None]
-    logprob = logits[rows, q_pos, q_tok] - norm[rows, q_pos]
-    return logprob, best[rows, q_pos] == q_tok
+    logits = _logits(model, _final_hidden(model, tokens, positions, segments)[rows, head_pos])  # [B, H, V]
+    # log p = logit - logsumexp: no [B, H, V] log-softmax is materialised, only what is returned.
+    norm = jax.nn.logsumexp(logits, axis=-1)  # [B, H]
+    best = jnp.argmax(logits, axis=-1)  # [B, H]
+    logprob = logits[rows, q_idx, q_tok] - norm[rows, q_idx]
+    return logprob, best[rows, q_idx] == q_tok
 
 
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
@@ -79,10 +100,10 @@ class Programs:
         self.shapes: set[tuple[str, tuple[int, ...]]] = set()  # (program, shape) pairs dispatched
         self.model = model
 
-    def score(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray, q_pos: np.ndarray,
-              q_tok: np.ndarray) -> Scores:
-        self.shapes.add(("score", tokens.shape))
-        out = self._score(self.graphdef, self.state, tokens, positions, segments, q_pos, q_tok)
+    def score(self, tokens: np.ndarray, positions: np.ndarray, segments: np.ndarray, head_pos: np.ndarray,
+              q_idx: np.ndarray, q_tok: np.ndarray) -> Scores:
+        self.shapes.add(("score", (*tokens.shape, head_pos.shape[1])))
+        out = self._score(self.graphdef, self.state, tokens, positions, segments, head_pos, q_idx, q_tok)
         return Scores(*jax.device_get(out))
 
     def prefill(self, tokens: np.ndarray, positions: np.ndarray, cache_len: int) -> tuple[np.ndarray, Any]:
