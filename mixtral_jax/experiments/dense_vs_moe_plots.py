@@ -34,7 +34,7 @@ def heatmaps(arms: dict[str, list[ArmRun]], out: Path) -> str | None:
             if layer == 0:
                 ax.set_ylabel("step")
     fig.colorbar(image, ax=axes, shrink=0.8, label="share of routed token-slots")
-    fig.suptitle(f"expert load over training (uniform = {1 / loads[0].shape[-1]:.4f})")
+    fig.suptitle(f"expert load (uniform = {1 / loads[0].shape[-1]:.4f})", fontsize=9)
     return report.save(fig, out / "load_heatmaps.png")
 
 
