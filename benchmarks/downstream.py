@@ -2,18 +2,17 @@
 adapter (`MixtralLM`, mixtral_jax/downstream) and by lm-eval's own HF backend (`HFLM`, torch) on
 the `export-hf` output of the same model, in one run.
 
-    python -m benchmarks.downstream              # 400 requests, 3 rounds (~3 minutes on 2 cores)
-    python -m benchmarks.downstream --smoke      # 24 short requests, 1 round (the test suite)
+    python -m benchmarks.downstream              # 2000 requests, 3 rounds (~4 minutes on 2 cores)
+    python -m benchmarks.downstream --smoke      # 24 requests, a 2-layer model, 1 round (the test suite)
 
 The model is the quickstart's shape (configs/quickstart.yaml: 4 layers, dim 128, 8 experts
 top-2, vocab 4096, window 96) with freshly initialised weights (speed does not depend on what
-the weights learned), float32, on one device, exported with `export-hf`. The requests are
-multiple-choice shaped, built from the embedded corpus's held-out split: a context of 1 to 8
-consecutive source lines followed by 4 candidate next lines each (a quarter of the contexts get
-4 one-token choices instead, which both backends score with one forward per context), so 100
-contexts make 400 requests of ~10 to ~250 tokens.
+the weights learned), float32, on one device, exported with `export-hf`. The requests are those
+of the shipped task `python_next_line` (mixtral_jax/downstream/tasks.py): per item, a context of
+up to 8 lines of a held-out Python file and 4 candidate next lines, 2000 requests of ~10 to ~230
+tokens, scored as lm-eval scores the task (`loglikelihood`).
 
-Ours is timed twice: its first pass ("compiles included": one XLA compile per length bucket,
+Ours is timed twice: its first pass ("compiles included": one XLA compile per batch shape,
 paid once per process and model) and the passes after it (warm, compiled programs reused, as in
 the rest of a task or of a training run's later evaluations). HFLM's first pass is timed apart
 from its later ones too. Warm passes alternate ours / HF round by round; the warm ratio is the
@@ -25,6 +24,7 @@ two are compared as they come (max |difference| printed; over 1e-3 fails the run
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -68,37 +68,24 @@ def build_model(root: Path, smoke: bool) -> tuple[Path, Path]:
     return cfg.run_dir, export_hf(cfg.run_dir, root / "exported")
 
 
-def make_requests(n_contexts: int, max_lines: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(context, continuation) pairs: per context, 4 candidate next lines (the true one and 3
-    random held-out lines) or, for every 4th context, 4 one-token choices."""
-    from mixtral_jax.data import corpus
+def make_requests(n_items: int) -> list[tuple[str, str]]:
+    """The (context, choice) requests of the shipped task's first `n_items` items
+    (python_next_line: 4 candidate next lines after up to 8 lines of a held-out file)."""
+    from mixtral_jax.downstream.tasks import TASK, shipped_task_dir
 
-    docs = corpus.python_source("validation")
-    lines = [line for i in range(min(len(docs), 200)) for line in docs[i].splitlines(keepends=True)
-             if line.strip() and len(line) < 100]
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for c in range(n_contexts):
-        start = int(rng.integers(0, len(lines) - max_lines - 1))
-        n = int(rng.integers(1, max_lines + 1))
-        context = "".join(lines[start:start + n])
-        if c % 4 == 3:
-            choices = [" A", " B", " C", " D"]
-        else:
-            choices = [lines[start + n]] + [lines[int(i)] for i in rng.integers(0, len(lines), 3)]
-        pairs += [(context, choice) for choice in choices]
-    return pairs
+    lines = (shipped_task_dir() / f"{TASK}.jsonl").read_text(encoding="utf-8").splitlines()[:n_items]
+    return [(item["context"], choice) for item in map(json.loads, lines) for choice in item["choices"]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, default=100, help="contexts (4 requests each; default 100)")
+    parser.add_argument("--items", type=int, default=500, help="python_next_line items (4 requests each; "
+                                                               "default 500, all of them)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch, both backends (default 16)")
     parser.add_argument("--rounds", type=int, default=3, help="warm rounds (default 3)")
-    parser.add_argument("--smoke", action="store_true", help="6 contexts of at most 3 lines, a 2-layer model, "
-                                                             "1 round")
+    parser.add_argument("--smoke", action="store_true", help="6 items, a 2-layer model, 1 round")
     args = parser.parse_args()
-    contexts, max_lines, rounds = (6, 3, 1) if args.smoke else (args.contexts, 8, args.rounds)
+    items, rounds = (6, 1) if args.smoke else (args.items, args.rounds)
 
     import jax
     import lm_eval
@@ -119,7 +106,7 @@ def main() -> None:
           f"lm-eval {lm_eval.__version__}; {threads()} threads; batch size {args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
         run, exported = build_model(Path(tmp), args.smoke)
-        pairs = make_requests(contexts, max_lines)
+        pairs = make_requests(items)
         requests = [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
         model, cfg, _ = load_run_model(run)
         ours = MixtralLM(model, load_tokenizer(run, cfg), batch_size=args.batch_size, model_cfg=cfg.model)

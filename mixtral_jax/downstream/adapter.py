@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.data.tokenizer import Tokenizer
-from mixtral_jax.downstream.batching import Group, batches, group_inputs, pack, power_of_two, rows_for
+from mixtral_jax.downstream.batching import HEAD_SHARES, Group, batches, group_inputs, pack, power_of_two, rows_for
 from mixtral_jax.downstream.scoring import Programs, Scores
 from mixtral_jax.models.transformer import Transformer
 
@@ -132,10 +132,10 @@ class MixtralLM(TemplateLM):
         answers: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # an empty continuation
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Scoring (mixtral_jax)")
         groups = group_inputs(inputs, spans)
-        for quarter in (True, False):  # light groups (logits at <= 1/4 of the tokens) apart from the rest
-            part = [g for g in groups if g.light == quarter]
+        for share in HEAD_SHARES:  # groups needing logits at <= 1/4, 1/2, all of their positions apart
+            part = [g for g in groups if g.head_share == share]
             for length, rows in pack(part, self.max_length, self.batch_size, self.max_batch_tokens):
-                scores, placed = self._score_rows(length, length // 4 if quarter else length, rows, last)
+                scores, placed = self._score_rows(length, length // share, rows, last)
                 for b, first, group in placed:
                     shared = group.head - 1
                     for k, member in enumerate(group.members):

@@ -12,8 +12,8 @@ Every batch has `rows_for(L)` rows of length L, with L a power of two from `MIN_
 at the model's context): the bucket of the longest group, kept for the later, shorter groups
 until they are `SHRINK` times shorter than L. Only the positions whose next token is scored
 need the output projection (vocabulary-sized, a quarter of a small model's FLOPs): groups that
-need it at no more than a quarter of their tokens ("light", the usual question + answer) are
-packed apart, into rows that compute it at L / 4 positions. A task then compiles one or two
+need it at no more than a quarter (or half) of their tokens, the usual question + answer, are
+packed apart, into rows that compute it at L / 4 (L / 2) positions. A task then compiles a few
 programs, not one per request length.
 """
 
@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 MIN_BUCKET = 16  # the shortest row: below it a shorter program saves nothing measurable
 SHRINK = 4  # a new, shorter row length once the longest group left is this many times shorter
+HEAD_SHARES = (4, 2, 1)  # rows compute logits at 1 / share of their positions
 
 
 def power_of_two(n: int, smallest: int = MIN_BUCKET) -> int:
@@ -62,10 +63,11 @@ class Group:
     head: int = 1  # positions (the input's last ones) whose next-token logits the members read
 
     @property
-    def light(self) -> bool:
-        """Needs logits at no more than a quarter of its positions (a question's answer after its
-        context): packed into rows that compute the output projection at a quarter of theirs."""
-        return 4 * self.head <= len(self.inputs)
+    def head_share(self) -> int:
+        """4, 2 or 1: needs logits at no more than 1 / share of its positions (a question's answer
+        after its context: 4 or 2), so it is packed with groups of its share into rows that
+        compute the output projection at 1 / share of their positions."""
+        return next(share for share in HEAD_SHARES if share * self.head <= len(self.inputs))
 
 
 def group_inputs(inputs: Sequence[Sequence[int]], spans: Sequence[int]) -> list[Group]:
