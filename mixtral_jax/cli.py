@@ -292,6 +292,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if damaged else 0
 
 
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from mixtral_jax.data.tokenize import build_cache
+    from mixtral_jax.data.tokenizer import load_or_train_tokenizer
+
+    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)
+    build_cache(cfg.data, tokenizer, args.out)
+    if not cfg.data.mixture:
+        print(f"train from it with: data.source=tokens:{args.out}")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from mixtral_jax.experiments import EXPERIMENTS, run_experiment
 
@@ -472,6 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print one JSON object (ok, damaged steps, a verdict "
                                                             "per step) and nothing else on stdout")
     verify.set_defaults(func=cmd_verify)
+    tok = verbs.add_parser(
+        "tokenize", help="tokenize data.source (or each data.mixture source) once into a cache: data.source=tokens:DIR",
+        description="Tokenize both splits of the config's data source (a mixture: each source into DIR/NAME) into "
+                    "ArrayRecord shards of token ids with a manifest; train from it with data.source=tokens:DIR. "
+                    "The tokenizer is the config's (trained once if it has no data.tokenizer.path) and is copied in.")
+    tok.add_argument("--config", required=True, help="YAML file (or preset name such as quickstart)")
+    tok.add_argument("--out", required=True, help="the cache folder (replaced if it exists)")
+    tok.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    tok.set_defaults(func=cmd_tokenize)
     from mixtral_jax.experiments import EXPERIMENTS
 
     experiment = verbs.add_parser(

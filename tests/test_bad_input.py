@@ -58,6 +58,8 @@ BAD_VALUES: dict[str, list] = {
     "Optional[float]": [0.0, -1.0, NAN, INF, "x", [1.0]],
     "Optional[str]": [123, "", "${oc.env:HOME}", ["a"], {"a": 1}],
     "list[str]": [[], [1], [["x"]], [None], "attention", None, {"a": 1}, ["atention"], ["mlp"], ["experts"]],
+    "list[int]": [[1.5], ["x"], "x", 3, [None], {"a": 1}, [-1], [10**6], [True]],  # model.moe.dense_layers
+    "list[MixtureSource]": ["x", 3, [1], ["x"], [None], {"a": 1}, None, [[1]], True],  # data.mixture (test_mixture.py)
 }
 # Cross-field rules may blame another key of the same rule (e.g. n_heads=3 is reported on
 # model.n_kv_heads: "n_heads (3) must be a multiple of n_kv_heads (2)").

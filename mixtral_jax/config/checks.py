@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 from mixtral_jax.config.choices import CHOICE_KEYS, LORA_TARGETS, parse_source
 from mixtral_jax.config.errors import ConfigError, require_choice
-from mixtral_jax.config.schema import Config, ModelConfig
+from mixtral_jax.config.schema import Config, DataConfig, ModelConfig
 from mixtral_jax.hardware import HARDWARE_CHOICES
 
 # JAX's default integer is int32 (shapes, token ids, step counters): bigger values would
@@ -62,6 +62,8 @@ def _check_leaves(cfg: Config) -> None:
             _require(-limit <= value <= limit, key, f"{value} is out of range (at most {limit} in size)")
         elif isinstance(value, str):
             _require(value.isprintable(), key, f"must be printable text, got {value!r}")
+        elif key == "data.mixture":
+            continue  # a list of sections, checked by _validate_mixture
         elif isinstance(value, list) and key == "model.moe.dense_layers":
             _require(all(isinstance(v, int) and not isinstance(v, bool) for v in value), key,
                      f"must be a list of layer indices, got {value!r}")
@@ -102,6 +104,7 @@ def validate(cfg: Config) -> None:
     _require(d.seq_len <= m.max_seq_len, "data.seq_len",
              f"seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
     parse_source(d.source)
+    _validate_mixture(cfg)
     _require(bool(d.text_key), "data.text_key", "must name a field")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be within [0, 1]")
     _require(0 <= o.b1 < 1, "optim.b1", "must be within [0, 1)")
@@ -113,6 +116,34 @@ def validate(cfg: Config) -> None:
     _validate_mesh_cost(cfg)
     _require(bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."), "run.name",
              "must be a non-empty name without '/' (and not '.' or '..')")
+
+
+def _validate_mixture(cfg: Config) -> None:
+    """data.mixture: named, distinct, readable sources with positive finite weights. Weights
+    that do not sum to 1 are normalised by the pipeline (mixture_weights), not refused."""
+    mixture, key = cfg.data.mixture, "data.mixture"
+    if not mixture:
+        return
+    # data.source keeps its default beside a mixture (a base config may spell the default out);
+    # any other value would be silently ignored, so it is refused.
+    _require(cfg.data.source == DataConfig.source, "data.source",
+             f"'{cfg.data.source}' is set as well as data.mixture; give the source as a mixture entry instead")
+    names: set[str] = set()
+    for index, entry in enumerate(mixture):
+        at = f"{key}[{index}]"
+        _require(isinstance(entry.name, str) and bool(entry.name.strip()), f"{at}.name", "must name the source")
+        _require(entry.name.isprintable() and "/" not in entry.name and " " not in entry.name, f"{at}.name",
+                 f"'{entry.name}' is a metric name suffix: no '/', spaces or control characters")
+        _require(entry.name not in names, f"{at}.name", f"'{entry.name}' names two mixture sources")
+        names.add(entry.name)
+        _require(isinstance(entry.source, str) and bool(entry.source.strip()), f"{at}.source",
+                 "is empty; give a data.source value such as jsonl:PATH")
+        try:
+            parse_source(entry.source)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("'data.source'", f"'{at}.source'", 1)) from None
+        _require(isinstance(entry.weight, (int, float)) and math.isfinite(entry.weight) and entry.weight > 0,
+                 f"{at}.weight", f"must be a positive number, got {entry.weight}")
 
 
 def _validate_moe_shape(m: ModelConfig) -> None:

@@ -60,6 +60,7 @@ DATA_SOURCES = Registry("data.source", {
     "jsonl": "jsonl:PATH: JSON lines (a file, directory or glob), text under data.text_key",
     "text": "text:DIR: every text file under a directory, one document each",
     "instruct": "instruct:PATH: instruction data ({prompt, response} or {messages}), loss on answers only",
+    "tokens": "tokens:DIR: a pre-tokenized cache built by `mixtral-jax tokenize` (its tokenizer comes with it)",
 }, module="mixtral_jax.data.sources")
 
 SOURCE_FORMS = ("python_source or KIND:ARGUMENT with KIND one of "

@@ -108,8 +108,19 @@ class TokenizerConfig:
 
 
 @dataclass
+class MixtureSource:
+    name: str = ""  # the source's name in metrics (data/tokens/NAME, eval_loss/NAME)
+    source: str = ""  # any data.source value (python_source, jsonl:PATH, tokens:DIR, ...)
+    weight: float = 1.0  # its share of training tokens (weights are normalised to sum to 1)
+
+
+@dataclass
 class DataConfig:
     source: str = "python_source"  # where documents come from
+    # several sources in place of data.source (leave that at its default), each {name: metric suffix,
+    # source: a data.source value, weight: its share of training tokens (normalised to sum 1)};
+    # logs data/tokens/NAME and eval_loss/NAME (docs/data.md)
+    mixture: list[MixtureSource] = field(default_factory=list)
     text_key: str = "text"  # the text field of tfds and jsonl records
     seq_len: int = 256  # tokens per training row
     batch_size: int = 8  # rows per step, over all devices and processes

@@ -218,7 +218,10 @@ def chat_prompt_ids(tokenizer: "Tokenizer", user_text: str, system: str | None =
 
 def encode_document(tokenizer: "Tokenizer", document: Document) -> np.ndarray | dict[str, np.ndarray]:
     """Pipeline encoder: text -> int32 [BOS, ..., EOS] (every token a target); conversation
-    -> {"tokens", "target_mask"} (bool: is the token a target)."""
+    -> {"tokens", "target_mask"} (bool: is the token a target); a document from a token cache
+    (already encoded: an array, or that dict) as it is."""
+    if isinstance(document, (np.ndarray, dict)):
+        return document
     if isinstance(document, str):
         return np.asarray([tokenizer.bos_id, *tokenizer.encode(document), tokenizer.eos_id], np.int32)
     ids, mask = encode_conversation(tokenizer, document)

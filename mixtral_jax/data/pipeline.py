@@ -39,13 +39,17 @@ import grain
 import numpy as np
 
 from mixtral_jax.config import DataConfig
-from mixtral_jax.data.sources import load_documents
+from mixtral_jax.config.schema import MixtureSource
+from mixtral_jax.data import token_cache
+from mixtral_jax.data.mixture import TokenMixIterDataset, mixture_weights, weights_note
+from mixtral_jax.data.sources import load_documents, source_config
 from mixtral_jax.data.instruct import Document, encode_document, split_encoded, target_ids
 from mixtral_jax.data.tokenizer import Tokenizer, unigram_entropy
 
 log = logging.getLogger(__name__)
 
 EVAL_SEED = 0  # held-out batches never depend on the run seed
+SOURCE_KEY = "source_ids"  # mixture batches: each input token's source (DataIterator strips it)
 
 
 class _Encode:
@@ -89,24 +93,32 @@ class _PackIterator(grain.DatasetIterator):
         self._concat = concat
         self._head: np.ndarray | None = None  # the document being cut into rows
         self._head_mask: np.ndarray | None = None  # its target mask; None = all targets
+        self._head_source: int | None = None  # its mixture source (None: not a mixture)
         self._head_state = copy.deepcopy(parent.get_state())  # parent state before _head
         self._offset = 0  # tokens of _head already emitted
 
     def _next_document(self) -> bool:
         self._head_state = copy.deepcopy(self._parent.get_state())
         try:
-            self._head, self._head_mask = split_encoded(next(self._parent))
+            self._read_head()
         except StopIteration:
             self._head = None
             return False
         self._offset = 0
         return True
 
+    def _read_head(self) -> None:
+        item = next(self._parent)
+        self._head, self._head_mask = split_encoded(item)
+        self._head_source = item.get("source") if isinstance(item, dict) else None
+
     def __next__(self) -> dict[str, np.ndarray]:
         tokens = np.zeros(self._length, np.int32)
         segments = np.zeros(self._length, np.int32)
         positions = np.zeros(self._length, np.int32)
         targets = np.zeros(self._length, bool)
+        source = np.full(self._length, -1, np.int32)  # mixture source of each token; -1 = padding
+        mixed = False
         filled = segment = 0
         while filled < self._length:
             if self._head is None or self._offset >= len(self._head):
@@ -120,12 +132,16 @@ class _PackIterator(grain.DatasetIterator):
             positions[filled:filled + take] = np.arange(take)
             targets[filled:filled + take] = (True if self._head_mask is None else
                                              self._head_mask[self._offset:self._offset + take])
+            if self._head_source is not None:
+                source[filled:filled + take], mixed = self._head_source, True
             filled += take
             self._offset += take
         if filled == 0:
             raise StopIteration
-        return {"tokens": tokens, "segment_ids": segments, "positions": positions,
-                "target_mask": targets}
+        row = {"tokens": tokens, "segment_ids": segments, "positions": positions, "target_mask": targets}
+        if mixed or self._head_source is not None:
+            row["source"] = source
+        return row
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": copy.deepcopy(self._head_state), "offset": self._offset,
@@ -137,7 +153,7 @@ class _PackIterator(grain.DatasetIterator):
         self._head_state = copy.deepcopy(state["parent"])
         self._head, self._offset = None, 0
         if state["has_head"]:
-            self._head, self._head_mask = split_encoded(next(self._parent))
+            self._read_head()
             self._offset = int(state["offset"])
 
 
@@ -208,7 +224,8 @@ def _to_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     target_mask is set (instruct data: prompt tokens are context, never targets)."""
     tokens, seg = rows["tokens"], rows["segment_ids"]
     counted = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0) & rows["target_mask"][:, 1:]
-    return {
+    extra = {SOURCE_KEY: np.ascontiguousarray(rows["source"][:, :-1])} if "source" in rows else {}
+    return {**extra,
         "inputs": np.ascontiguousarray(tokens[:, :-1], np.int32),
         "targets": np.ascontiguousarray(tokens[:, 1:], np.int32),
         "segment_ids": np.ascontiguousarray(seg[:, :-1], np.int32),
@@ -243,11 +260,15 @@ def _workers(requested: int, rows: int) -> int:
     return max(w for w in range(1, min(requested, rows) + 1) if rows % w == 0)
 
 
-def _build(docs: Sequence[Document], tokenizer: Tokenizer, cfg: DataConfig, *, seed: int, train: bool,
-           rows: range, streams: int, num_workers: int = 0) -> grain.IterDataset:
-    """Rows `rows` of the `streams` row streams, batched one round (len(rows)) at a time."""
+def _document_streams(docs: Sequence[Document], tokenizer: Tokenizer, cfg: DataConfig, *, seed: int,
+                      train: bool, rows: range, streams: int) -> list[grain.IterDataset]:
+    """Per row r in `rows`: its encoded documents d_r, d_{r+streams}, ... of the (train:
+    shuffled every epoch, endless; eval: one fixed pass) document order."""
     if len(docs) == 0:
         raise ValueError(f"{getattr(docs, 'name', 'data')}: no documents")
+    cached = getattr(docs, "tokenizer_fingerprint", None)  # a token cache: its ids are one vocabulary's
+    if cached is not None and cached != tokenizer.fingerprint:
+        token_cache.check_tokenizer(docs.root, tokenizer.fingerprint, f"tokenizer {tokenizer.path}")
     source = grain.MapDataset.source(docs)
     if train:
         if cfg.shuffle_buffer_docs > 0:  # bounded-window shuffle for very large sources
@@ -259,13 +280,27 @@ def _build(docs: Sequence[Document], tokenizer: Tokenizer, cfg: DataConfig, *, s
     else:
         source = source.shuffle(seed=seed)  # a fixed mix of held-out files
     encode = _Encode(tokenizer)
-    length = cfg.seq_len + 1
     # No read-ahead threads: each stream tokenizes a document only when it needs one (the
     # default 16 threads x 500 documents per stream would tokenize the corpus up front).
     inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    return [source[r::streams].map(encode).to_iter_dataset(inline) for r in rows]
+
+
+def _build(docs: Sequence[Document] | Sequence[Sequence[Document]], tokenizer: Tokenizer, cfg: DataConfig, *,
+           seed: int, train: bool, rows: range, streams: int, num_workers: int = 0,
+           weights: Sequence[float] | None = None) -> grain.IterDataset:
+    """Rows `rows` of the `streams` row streams, batched one round (len(rows)) at a time.
+    With `weights`, `docs` is one document sequence per mixture source, mixed per stream by
+    token deficit (mixture.py); each source is shuffled with its own seed."""
+    if weights is None:
+        per_row = _document_streams(docs, tokenizer, cfg, seed=seed, train=train, rows=rows, streams=streams)
+    else:
+        per_source = [_document_streams(d, tokenizer, cfg, seed=(seed + 7919 * k) % 2**32, train=train,
+                                        rows=rows, streams=streams) for k, d in enumerate(docs)]
+        per_row = [TokenMixIterDataset(parents, weights) for parents in zip(*per_source)]
+    length = cfg.seq_len + 1
     ds: grain.IterDataset = RoundRobinIterDataset(
-        [PackIterDataset(source[r::streams].map(encode).to_iter_dataset(inline), length, concat=cfg.pack)
-         for r in rows], length)
+        [PackIterDataset(stream, length, concat=cfg.pack) for stream in per_row], length)
     workers = _workers(num_workers, len(rows))
     if workers:
         if workers != num_workers:
@@ -280,17 +315,34 @@ class DataIterator(grain.DatasetIterator):
     """The pipeline's grain iterator plus a description of the pipeline it belongs to. Being
     a grain DatasetIterator, `grain.checkpoint.CheckpointSave/Restore` can store its state
     (one JSON file per process); `set_state` refuses a state saved by another pipeline
-    (seed, source, batch layout, workers, tokenizer) instead of silently resuming elsewhere."""
+    (seed, source, batch layout, workers, tokenizer) instead of silently resuming elsewhere.
+    With a mixture, it also counts each source's tokens in the batches it hands out
+    (`source_tokens`, this process's rows; kept in the state) and strips the per-token source
+    ids from the batch; a state saved with other weights is taken, with a line in `notes`."""
 
-    def __init__(self, parent: grain.DatasetIterator, spec: dict[str, Any]):
+    def __init__(self, parent: grain.DatasetIterator, spec: dict[str, Any],
+                 mixture: Sequence[MixtureSource] = (), weights: Sequence[float] = ()):
         super().__init__(parent)
         self.spec = spec
+        self.names = [m.name for m in mixture]
+        self.weights = list(weights)
+        self.source_tokens = {name: 0 for name in self.names}
+        self.notes: list[str] = []
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._parent)
+        batch = next(self._parent)
+        if SOURCE_KEY in batch:
+            ids = batch.pop(SOURCE_KEY)
+            counts = np.bincount(ids[batch["segment_ids"] > 0], minlength=len(self.names))
+            for name, count in zip(self.names, counts):
+                self.source_tokens[name] += int(count)
+        return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": dict(self.spec), "grain": self._parent.get_state()}
+        state = {"pipeline": dict(self.spec), "grain": self._parent.get_state()}
+        if self.names:
+            state["mixture"] = {"weights": dict(zip(self.names, self.weights)), "tokens": dict(self.source_tokens)}
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         saved = state.get("pipeline", {}) if isinstance(state, dict) else {}
@@ -299,11 +351,21 @@ class DataIterator(grain.DatasetIterator):
             diff = ", ".join(f"{k}: {saved.get(k)!r} -> {self.spec.get(k)!r}" for k in changed)
             raise ValueError(f"data iterator state belongs to a different pipeline ({diff})")
         self._parent.set_state(state["grain"])
+        if self.names:
+            mix = state["mixture"]
+            self.source_tokens = {name: int(mix["tokens"][name]) for name in self.names}
+            before = [float(mix["weights"][name]) for name in self.names]
+            if not np.allclose(before, self.weights, rtol=0, atol=1e-12):
+                shares = ", ".join(f"{n} {a:.4g} -> {b:.4g}" for n, a, b in zip(self.names, before, self.weights))
+                self.notes.append(f"note: data.mixture weights changed on resume ({shares}); the token shares "
+                                  "follow the new weights from here on")
 
 
 def _spec(cfg: DataConfig, tokenizer: Tokenizer, seed: int, rows: range, workers: int) -> dict:
     tok_id = getattr(tokenizer, "fingerprint", type(tokenizer).__name__)
-    return {"source": cfg.source, "text_key": cfg.text_key, "seq_len": cfg.seq_len,
+    # A mixture is named by its sources, not their weights: new weights may resume a run.
+    source = [f"{m.name}={m.source}" for m in cfg.mixture] if cfg.mixture else cfg.source
+    return {"source": source, "text_key": cfg.text_key, "seq_len": cfg.seq_len,
             "pack": cfg.pack, "batch_size": cfg.batch_size, "rows": f"{rows.start}:{rows.stop}",
             "num_workers": workers, "seed": seed, "shuffle_buffer_docs": cfg.shuffle_buffer_docs,
             "tokenizer": tok_id}
@@ -315,24 +377,48 @@ def make_train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, seed: int,
     training batch (dict layout in the module docstring). `get_state()` / `set_state()`
     resume it exactly; call `close()` when done if `num_workers` > 0."""
     rows = _local_rows(cfg.batch_size, shard_index, shard_count)
+    workers = _workers(cfg.num_workers, len(rows))
+    spec = _spec(cfg, tokenizer, seed, rows, workers)
+    if cfg.mixture:
+        weights = mixture_weights(cfg.mixture)
+        docs = [load_documents(source_config(cfg, m), "train") for m in cfg.mixture]
+        ds = _build(docs, tokenizer, cfg, seed=seed, train=True, rows=rows, streams=cfg.batch_size,
+                    num_workers=cfg.num_workers, weights=weights)
+        data = DataIterator(iter(ds), spec, cfg.mixture, weights)
+        data.notes += [note] if (note := weights_note(cfg.mixture)) else []
+        return data
     docs = load_documents(cfg, "train")
     ds = _build(docs, tokenizer, cfg, seed=seed, train=True, rows=rows, streams=cfg.batch_size,
                 num_workers=cfg.num_workers)
-    return DataIterator(iter(ds), _spec(cfg, tokenizer, seed, rows, _workers(cfg.num_workers, len(rows))))
+    return DataIterator(iter(ds), spec)
 
 
 EVAL_SPREAD = 20  # eval rows are every k-th row (k <= this) of the packed validation stream
 EVAL_SCAN_TOKENS = 4_000_000  # ... scanning at most about this many validation tokens
 
 
+def make_eval_sets(cfg: DataConfig, tokenizer: Tokenizer, num_batches: int, *,
+                   shard_index: int = 0, shard_count: int = 1) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Held-out batches per mixture source name ({"": batches} without a mixture), each
+    source's from its own validation split (`num_batches` each)."""
+    if not cfg.mixture:
+        return {"": make_eval_batches(cfg, tokenizer, num_batches, shard_index=shard_index, shard_count=shard_count)}
+    return {m.name: make_eval_batches(source_config(cfg, m), tokenizer, num_batches, shard_index=shard_index,
+                                      shard_count=shard_count) for m in cfg.mixture}
+
+
 def make_eval_batches(cfg: DataConfig, tokenizer: Tokenizer, num_batches: int, *,
                       shard_index: int = 0, shard_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """Held-out batches, the same on every call and independent of the run seed.
+    """Held-out batches, the same on every call and independent of the run seed (a mixture:
+    every source's, one after the other; per source: make_eval_sets).
 
     The validation documents (fixed order) are packed into one stream and every k-th row is
     kept, so the few eval rows sample many files at all depths rather than the first rows of
     a few files; fewer batches if the split is small; padding rows have loss_mask 0.
     """
+    if cfg.mixture:
+        sets = make_eval_sets(cfg, tokenizer, num_batches, shard_index=shard_index, shard_count=shard_count)
+        return [batch for batches in sets.values() for batch in batches]
     rows = _local_rows(cfg.batch_size, shard_index, shard_count)
     need = num_batches * cfg.batch_size
     if need == 0:

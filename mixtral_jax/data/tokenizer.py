@@ -24,7 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mixtral_jax.config import DataConfig
-from mixtral_jax.data import sources
+from mixtral_jax.data import sources, token_cache
 from mixtral_jax.data.cache import cache_dir, file_lock
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,19 @@ def tokenizer_cache_path(cfg: DataConfig, vocab_size: int) -> Path:
 
 
 def load_or_train_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
-    """Load `cfg.tokenizer.path`, or train (once, cached) a BPE model on the train split."""
+    """Load `cfg.tokenizer.path`, or train (once, cached) a BPE model on the train split. With
+    token caches (`tokens:DIR`), the tokenizer they were built with (or data.tokenizer.path, which
+    must then have the same vocabulary)."""
+    caches = sources.token_cache_dirs(cfg)
+    if caches:
+        path = cfg.tokenizer.path or str(Path(caches[0]).expanduser() / token_cache.TOKENIZER_FILE)
+        tok = Tokenizer.from_file(path)
+        for root in caches:
+            token_cache.check_tokenizer(root, tok.fingerprint, f"tokenizer {path}")
+        if tok.vocab_size != vocab_size:
+            raise ValueError(f"tokenizer {path} has {tok.vocab_size} pieces but model.vocab_size is {vocab_size}; "
+                             "they must match")
+        return tok
     if cfg.tokenizer.path:
         tok = Tokenizer.from_file(cfg.tokenizer.path)
         if tok.vocab_size != vocab_size:

@@ -135,10 +135,12 @@ def run_hooks(hooks: Sequence[Hook], ctx: LoopContext) -> None:
 class LogHook(Hook):
     """Every `every` steps and at the last: the window's metrics come to the host (the one
     sync with the device), the guard checks them, and they become the step's record, with
-    throughput and cost from the meter."""
+    throughput and cost from the meter, and `data_metrics()` (a data mixture's token counters)."""
 
-    def __init__(self, every: int, guard: NonfiniteGuard, meter: RunMeter, clock: LoopClock):
+    def __init__(self, every: int, guard: NonfiniteGuard, meter: RunMeter, clock: LoopClock,
+                 data_metrics: Callable[[], dict[str, Any]] | None = None):
         self.every, self.guard, self.meter, self.clock = every, guard, meter, clock
+        self.data_metrics = data_metrics
 
     def due(self, ctx: LoopContext) -> bool:
         return periodic(self.every, ctx)
@@ -153,6 +155,8 @@ class LogHook(Hook):
         ctx.record.update(tokens_seen=ctx.done * self.meter.tokens_per_step,
                           data_wait_s=self.clock.data_wait / steps,
                           **self.meter.window(steps, self.clock.window_seconds(), ctx.done))
+        if self.data_metrics is not None:
+            ctx.record.update(self.data_metrics())
         ctx.window = []
         self.clock.new_window()
 
@@ -244,8 +248,9 @@ class CheckpointHook(Hook):
 
 def loop_hooks(log_every: int, checkpoint_every: int, guard: NonfiniteGuard, meter: RunMeter, clock: LoopClock,
                evaluator: EvalHook, logger: MetricsLogger, checkpointer: Saver, data: DataState,
-               downstream: DownstreamHook | None = None) -> list[Hook]:
+               downstream: DownstreamHook | None = None,
+               data_metrics: Callable[[], dict[str, Any]] | None = None) -> list[Hook]:
     """The loop's hooks, in the order their work depends on (see the module docstring);
     `downstream` (train.eval_tasks) runs after the held-out eval, before the record is written."""
-    return [LogHook(log_every, guard, meter, clock), evaluator, *([downstream] if downstream else []),
+    return [LogHook(log_every, guard, meter, clock, data_metrics), evaluator, *([downstream] if downstream else []),
             RecordHook(logger), StopHook(), CheckpointHook(checkpoint_every, guard, checkpointer, data, clock.device)]

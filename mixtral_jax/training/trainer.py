@@ -27,7 +27,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mixtral_jax.config import Config, ConfigError, LoRAConfig, ModelConfig, load_config, save_config
-from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_batches, make_train_iterator
+from mixtral_jax.data.mixture import mixture_weights
+from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_sets, make_train_iterator
 from mixtral_jax.data.tokenizer import load_or_train_tokenizer
 from mixtral_jax.models.params import param_counts, path_name
 from mixtral_jax.models.transformer import Transformer
@@ -159,8 +160,9 @@ class Trainer:
         except BaseException:
             self.checkpointer.close(raise_errors=False)
             raise
-        eval_batches = make_eval_batches(cfg.data, self.tokenizer, cfg.train.eval_batches,
-                                         shard_index=jax.process_index(), shard_count=jax.process_count())
+        self.notes += data_iter.notes  # a data mixture's normalised or changed weights
+        eval_batches = make_eval_sets(cfg.data, self.tokenizer, cfg.train.eval_batches,
+                                      shard_index=jax.process_index(), shard_count=jax.process_count())
         start = int(state["step"])
         meter = RunMeter(cfg, meta.get("clock_seconds", 0.0))
         logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=start,
@@ -177,7 +179,8 @@ class Trainer:
         evaluator = EvalHook(cfg.train.eval_every, lambda s: self.evaluate(s, eval_batches), clock)
         downstream = DownstreamHook(cfg.train.eval_tasks_every, self.evaluate_tasks, clock) if self.task_suite else None
         hooks = loop_hooks(cfg.train.log_every, cfg.train.checkpoint_every, guard, meter, clock, evaluator, logger,
-                           self.checkpointer, data_iter, downstream)
+                           self.checkpointer, data_iter, downstream,
+                           data_metrics=(lambda: source_token_metrics(data_iter)) if cfg.data.mixture else None)
         step_fn, compile_s = None, 0.0
         try:
             for _ in range(start, last_step):
@@ -241,15 +244,26 @@ class Trainer:
         truncate_metrics(self.run_dir, step)
         return state, data_iter, meta
 
-    def evaluate(self, state: dict, eval_batches: list[dict]) -> dict[str, float]:
-        if not eval_batches:
+    def evaluate(self, state: dict, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
+        """Held-out loss of each set (make_eval_sets). A mixture logs eval_loss/<name> per source, and
+        as eval_loss their mean weighted by the mixture's weights (the loss on the training mix)."""
+        losses = {name: self._eval_loss(state, batches) for name, batches in eval_sets.items() if batches}
+        if not losses:
             return {}
+        if list(losses) == [""]:
+            loss, per_source = losses[""], {}
+        else:
+            weights = dict(zip((m.name for m in self.cfg.data.mixture), mixture_weights(self.cfg.data.mixture)))
+            loss = sum(weights[n] * v for n, v in losses.items()) / sum(weights[n] for n in losses)
+            per_source = {f"eval_loss/{name}": value for name, value in losses.items()}
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), **per_source}
+
+    def _eval_loss(self, state: dict, eval_batches: list[dict]) -> float:
         data = batch_sharding(self.mesh)
         totals = [self.eval_step(state["params"], state["model_state"], global_batch(b, data), state.get("adapters"))
                   for b in eval_batches]
         loss_sum, count = (float(sum(x)) for x in zip(*jax.device_get(totals)))
-        loss = loss_sum / max(count, 1.0)
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        return loss_sum / max(count, 1.0)
 
     def evaluate_tasks(self, state: dict) -> dict[str, float]:
         """train.eval_tasks on the state's weights (LoRA adapters merged) through lm-eval:
@@ -362,6 +376,18 @@ def trainable_count(state: dict, cfg: Config) -> int:
     leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
     return sum(int(leaf.size) for path, leaf in leaves
                if param_group(path_name(path), cfg.finetune.freeze) != "frozen")
+
+
+def source_token_metrics(data_iter: Any) -> dict[str, int]:
+    """`data/tokens/<name>`: each mixture source's tokens in the batches trained on so far, summed
+    over the processes (each counts its own rows; every process logs at the same steps)."""
+    names = list(data_iter.source_tokens)
+    counts = np.asarray([data_iter.source_tokens[n] for n in names], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(names)).sum(0)
+    return {f"data/tokens/{name}": int(count) for name, count in zip(names, counts)}
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict[str, jax.Array]:
