@@ -2,6 +2,9 @@
 python_source corpus, quickstart data config, packing on, seq 256) with num_workers 0 and 2 at
 batch 8 and 16, against tokens/s the compiled train step consumes (the quickstart model, and the
 dense trunk of benchmarks/train_step.py), measured in the same run. Target: pipeline >= 10x step.
+Also (not in --smoke) the same pipeline reading a token cache of the corpus (`mixtral-jax tokenize`,
+built once under $MIXTRAL_JAX_CACHE/token_caches/) against the on-the-fly one, same batches;
+target: cache >= 5x on the fly.
 
     python -m benchmarks.data_pipeline            # ~2 minutes on 2 cores
     python -m benchmarks.data_pipeline --smoke    # seq 64, batch 4, tiny consumer (the test suite)
@@ -17,6 +20,7 @@ pipeline cannot bank more than a row or two while the others are timed.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -34,6 +38,30 @@ from mixtral_jax.data.pipeline import make_train_iterator
 from mixtral_jax.data.tokenizer import load_or_train_tokenizer
 
 TARGET = 10.0
+CACHE_TARGET = 5.0  # token cache vs on-the-fly tokenization, same batches
+
+
+def cached_corpus(cfg: Config) -> Config:
+    """`cfg` reading a token cache of its source (built once, keyed by source and tokenizer)."""
+    import hashlib
+
+    from mixtral_jax.data.cache import cache_dir, file_lock
+    from mixtral_jax.data.sources import source_fingerprint
+    from mixtral_jax.data.token_cache import MANIFEST
+    from mixtral_jax.data.tokenize import build_cache
+
+    tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)
+    key = hashlib.sha256(f"{source_fingerprint(cfg.data)}|{tokenizer.fingerprint}".encode()).hexdigest()[:16]
+    out = cache_dir() / "token_caches" / key
+    if not (out / MANIFEST).is_file():
+        with file_lock(out.with_suffix(".lock")):
+            if not (out / MANIFEST).is_file():
+                build_cache(cfg.data, tokenizer, out)
+    cached = copy.deepcopy(cfg)
+    cached.data.source = f"tokens:{out}"
+    cached.data.tokenizer.path = str(out / "tokenizer.model")
+    validate(cached)
+    return cached
 
 
 class PipelineReader:
@@ -107,6 +135,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=None, help="seconds per pipeline reading (default 3, smoke 0.5)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default 8 16, smoke 4")
+    parser.add_argument("--no-cache", action="store_true", help="skip the token-cache rows (always skipped in --smoke)")
     args = parser.parse_args()
     seq = 64 if args.smoke else 256
     batches = args.batches or ([4] if args.smoke else [8, 16])
@@ -126,6 +155,13 @@ def main() -> None:
             readers[name] = PipelineReader(quickstart(seq, batch, workers), window)
             say(f"  {name}: first batch after {readers[name].first_batch_s:.1f} s (excluded), "
                 f"{readers[name].fill:.1%} of positions are tokens")
+    cache_pairs = []  # (cache reader, the on-the-fly reader it is compared with)
+    if not (args.smoke or args.no_cache):
+        for batch in batches:
+            name = f"cache b{batch} w0"
+            readers[name] = PipelineReader(cached_corpus(quickstart(seq, batch, 0)), window)
+            cache_pairs.append((name, f"pipeline b{batch} w0"))
+            say(f"  {name}: first batch after {readers[name].first_batch_s:.1f} s (excluded)")
     # Consumers: the quickstart model at the largest batch; and the train_step dense trunk (smoke:
     # its tiny trunk), random tokens, as benchmarks/train_step.py times it.
     consumers: dict[str, StepRate] = {}
@@ -146,6 +182,10 @@ def main() -> None:
     for name, values in samples.items():
         say(f"| {name} | {statistics.median(values):,.0f} |")
     say("")
+    for cache, live in cache_pairs:
+        if live in samples:
+            value = paired(samples[cache], samples[live])
+            say(ratio_line(f"{cache} / {live}", value, f"target >= {CACHE_TARGET:g}x", value >= CACHE_TARGET))
     for consumer in consumers:
         for reader in readers:
             value = paired(samples[reader], samples[consumer])

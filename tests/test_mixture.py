@@ -161,5 +161,10 @@ def test_training_logs_per_source_tokens_and_eval(sources, cache, tmp_path, capf
     last = evals[-1]
     assert last["eval_loss"] == pytest.approx(0.5 * last["eval_loss/short"] + 0.5 * last["eval_loss/long"])
     assert summary["eval_loss"] == pytest.approx(last["eval_loss"])
+    from mixtral_jax.training.evaluate import evaluate_run
+
+    verb = evaluate_run(cfg.run_dir, 1)  # `mixtral-jax eval` reports the sources too
+    assert {"eval_loss/short", "eval_loss/long"} <= set(verb) and verb["eval_tokens"] > 0
+    assert verb["eval_loss"] == pytest.approx(0.5 * verb["eval_loss/short"] + 0.5 * verb["eval_loss/long"])
     printed = capfd.readouterr()
     assert "data.mixture weights changed on resume (short 0.7 -> 0.5, long 0.3 -> 0.5)" in printed.out + printed.err
