@@ -4,7 +4,7 @@
 
 Every run is cut at the last eval step that ALL runs of the primary arms have reached, so the
 paired gap compares equal tokens; other arms' runs are shown only if they got that far (an
-upcycled run only when finished). Figures for an unfinished run come from its metrics.jsonl
+upcycled run only when finished and the cut is its parent's last step). Figures for an unfinished run come from its metrics.jsonl
 (eval losses, clock) and from its config (parameter and FLOP counts), never from a guess. The
 report says where it was cut; rerunning the experiment command finishes the study.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mixtral_jax.config import load_config
-from mixtral_jax.experiments.dense_vs_moe import ARMS, PRIMARY, ArmRun
+from mixtral_jax.experiments.dense_vs_moe import ARMS, PRIMARY, UPCYCLE_AT, ArmRun
 from mixtral_jax.experiments.runner import RunResult
 
 
@@ -63,13 +63,25 @@ def partial_runs(out: Path) -> tuple[list[ArmRun], int | None]:
         return [], None
     cut = min(reached.values())
     runs: list[ArmRun] = []
+    loaded: dict[tuple[str, int], RunResult] = {}
     for arm in ARMS:
         for seed in arm.seeds:
-            if arm.upcycle_from or (arm in (dense, moe) and seed not in reached):
-                continue  # an upcycled run's curve starts half way: the full report shows it
+            if arm in (dense, moe) and seed not in reached:
+                continue
+            if arm.upcycle_from:
+                # only finished, and only when the cut is its parent's end: its curve spans the second half
+                parent = loaded.get((arm.upcycle_from, seed))
+                result = _load(out / f"{arm.name}_seed{seed}")
+                done = result is not None and (out / f"{arm.name}_seed{seed}" / "summary.json").is_file()
+                if parent is not None and done and cut == parent.cfg.train.steps == load_config(
+                        parent.run_dir / "config.yaml").train.steps:
+                    start = max(1, round(cut * UPCYCLE_AT))
+                    runs.append(ArmRun(arm, seed, result, parent, start))
+                continue
             result = _load(out / f"{arm.name}_seed{seed}", cut)
             if result is not None:
                 runs.append(ArmRun(arm, seed, result))
+                loaded[(arm.name, seed)] = result
     return runs, cut
 
 
