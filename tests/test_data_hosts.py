@@ -1,7 +1,8 @@
 """Hosts read disjoint data: two JAX processes (gloo, localhost) each build the train iterator
 for their own process_index, as the Trainer does. Over one epoch the documents the two read are
 disjoint and together exactly the training split, from a token cache and from a JSONL source;
-with a mixture, their rows together are exactly the batches one process reads alone.
+with a mixture, their rows together are exactly the batches one process reads alone, and the
+iterator state a checkpoint stores (every process's, gathered) resumes each process exactly.
 
 Run as a script (`python tests/test_data_hosts.py PROCESS_ID PORT OUT ARGS_JSON`) it is one worker.
 """
@@ -108,6 +109,7 @@ def test_two_hosts_read_disjoint_halves(tmp_path, corpus_cache):
         together = sorted(hosts[0][case] + hosts[1][case])
         assert together == sorted(alone[case])  # the two hosts' rows are exactly one process's
     assert {re.match(r"[a-z]+", t).group(0) for _, t in alone["mixture"]} == {"doc", "more"}
+    assert all(host["resume"] == {"states": 2, "same": True} for host in hosts)
 
 if __name__ == "__main__":
     process_id, port, out, args_file = sys.argv[1:5]
@@ -118,5 +120,20 @@ if __name__ == "__main__":
     import jax
 
     assert jax.process_count() == 2
-    result = read_rows(json.loads(Path(args_file).read_text()), jax.process_index(), jax.process_count())
+    args = json.loads(Path(args_file).read_text())
+    result = read_rows(args, jax.process_index(), jax.process_count())
+    # A checkpoint holds every process's state (the primary writes it); each resumes from its own.
+    from mixtral_jax.data.hosts import gather_states, local_state
+    from mixtral_jax.data.pipeline import make_train_iterator
+    from mixtral_jax.data.tokenizer import Tokenizer
+
+    tok, cfg = Tokenizer.from_file(args["tokenizer"]), _cfg(args["cases"]["mixture"])
+    it = make_train_iterator(cfg.data, tok, seed=5, shard_index=jax.process_index(), shard_count=2)
+    for _ in range(3):
+        next(it)
+    saved = json.loads(json.dumps(gather_states(it.get_state())))
+    resumed = make_train_iterator(cfg.data, tok, seed=5, shard_index=jax.process_index(), shard_count=2)
+    resumed.set_state(local_state(saved))
+    result["resume"] = {"states": len(saved["processes"]),
+                        "same": all(bool((next(it)["inputs"] == next(resumed)["inputs"]).all()) for _ in range(4))}
     Path(out).write_text(json.dumps(result))

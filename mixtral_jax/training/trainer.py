@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mixtral_jax.config import Config, ConfigError, LoRAConfig, ModelConfig, load_config, save_config
+from mixtral_jax.data.hosts import gather_states, local_state
 from mixtral_jax.data.mixture import mixture_weights
 from mixtral_jax.data.pipeline import heldout_unigram_entropy, make_eval_sets, make_train_iterator
 from mixtral_jax.data.tokenizer import load_or_train_tokenizer
@@ -160,7 +161,7 @@ class Trainer:
         except BaseException:
             self.checkpointer.close(raise_errors=False)
             raise
-        self.notes += data_iter.notes  # a data mixture's normalised or changed weights
+        self.notes += getattr(data_iter, "notes", [])  # a data mixture's normalised or changed weights
         eval_batches = make_eval_sets(cfg.data, self.tokenizer, cfg.train.eval_batches,
                                       shard_index=jax.process_index(), shard_count=jax.process_count())
         start = int(state["step"])
@@ -179,7 +180,7 @@ class Trainer:
         evaluator = EvalHook(cfg.train.eval_every, lambda s: self.evaluate(s, eval_batches), clock)
         downstream = DownstreamHook(cfg.train.eval_tasks_every, self.evaluate_tasks, clock) if self.task_suite else None
         hooks = loop_hooks(cfg.train.log_every, cfg.train.checkpoint_every, guard, meter, clock, evaluator, logger,
-                           self.checkpointer, data_iter, downstream,
+                           self.checkpointer, _AllHostsData(data_iter), downstream,
                            data_metrics=(lambda: source_token_metrics(data_iter)) if cfg.data.mixture else None)
         step_fn, compile_s = None, 0.0
         try:
@@ -240,7 +241,7 @@ class Trainer:
             return self._fresh_state(), data_iter, {}
         step, state, data_state, meta, notes = found
         self.notes += notes
-        data_iter.set_state(data_state)
+        data_iter.set_state(local_state(data_state))
         truncate_metrics(self.run_dir, step)
         return state, data_iter, meta
 
@@ -376,6 +377,17 @@ def trainable_count(state: dict, cfg: Config) -> int:
     leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
     return sum(int(leaf.size) for path, leaf in leaves
                if param_group(path_name(path), cfg.finetune.freeze) != "frozen")
+
+
+class _AllHostsData:
+    """What the checkpoint hook saves of the data: every process's iterator state (the primary
+    process writes the checkpoint's JSON; each process resumes from its own part)."""
+
+    def __init__(self, data_iter: Any):
+        self.data_iter = data_iter
+
+    def get_state(self) -> Any:
+        return gather_states(self.data_iter.get_state())
 
 
 def source_token_metrics(data_iter: Any) -> dict[str, int]:
