@@ -99,7 +99,8 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), h100: boo
     grows = None if None in trend else all(b > a for a, b in zip(trend, trend[1:]))
     sections = [
         f"# dense_vs_moe scaling ladder{' (smoke)' if smoke else ''} ({folder})",
-        f"Per size: dense against 16 experts top-2 of equal active FFN, seeds {', '.join(map(str, SEEDS))}. "
+        f"Per size: dense against 16 experts top-2 of equal active FFN, seeds "
+        f"{', '.join(str(r.seed) for r in runs[SIZES[0]]['dense'])}. "
         "Compute multiplier = dense training FLOPs needed (interpolated on the dense held-out curve) to reach "
         "the MoE's final held-out loss, over the MoE's training FLOPs; 'not measurable' when the MoE ends below "
         "every dense eval point (the multiplier then exceeds the dense run's own budget ratio).",
