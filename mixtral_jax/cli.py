@@ -261,7 +261,7 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
         print(f"mixtral-jax upcycle: note: the upcycled model does not compute the dense model's function at "
               f"step 0: {issue}", file=sys.stderr)
     print(f"upcycled {args.run} -> run directory {run_dir}: {model.moe.num_experts} experts, top-{model.moe.top_k}, "
-          f"{sum(model.sparse_layers)} of {model.n_layers} layers sparse (continue training with "
+          f"{model.n_sparse_layers} of {model.n_layers} layers sparse (continue training with "
           f"train.init_from={run_dir})")
     return 0
 

@@ -296,3 +296,19 @@ def test_every_dispatch_path_computes_the_same_modern_block(dispatch):
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert float(stats["dropped_fraction"]) == 0.0
     np.testing.assert_allclose(stats["aux_loss"], want_stats["aux_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_layers,first,every,dense", [
+    (32, 0, 1, []), (61, 3, 1, []), (24, 0, 2, []), (13, 2, 3, []), (10, 1, 2, [5, 7]), (5, 7, 1, [])])
+def test_arithmetic_plan_and_count_match_the_listed_layers(n_layers, first, every, dense):
+    """The constant-time plan and sparse-layer count (what `params` uses for any depth) equal
+    the per-layer rule written out."""
+    from mixtral_jax.models.layer_plan import plan_model
+
+    cfg = ModelConfig(n_layers=n_layers, moe=MoEConfig(num_experts=4, first_dense_layers=first,
+                                                       sparse_every=every, dense_layers=dense))
+    listed = tuple(i >= first and (i + 1) % every == 0 and i not in dense for i in range(n_layers))
+    segments = plan_model(n_layers, True, first, every, dense)
+    assert sum((s.unit * s.repeats for s in segments), ()) == listed == cfg.sparse_layers
+    assert cfg.n_sparse_layers == sum(listed)
+    assert len(segments) <= 2 + every or dense

@@ -159,7 +159,7 @@ def _validate_moe_shape(m: ModelConfig) -> None:
     _require(moe.sparse_every >= 1, "model.moe.sparse_every", f"must be >= 1, got {moe.sparse_every}")
     bad = [i for i in moe.dense_layers if not 0 <= i < m.n_layers]
     _require(not bad, "model.moe.dense_layers", f"{bad} are not layers of a {m.n_layers}-layer model")
-    _require(any(m.sparse_layers), "model.moe.first_dense_layers",
+    _require(m.n_sparse_layers > 0, "model.moe.first_dense_layers",
              "with sparse_every and dense_layers, leaves no sparse layer; set model.moe.num_experts: 0 for a dense model")
     _require(moe.n_groups >= 1 and moe.num_experts % moe.n_groups == 0, "model.moe.n_groups",
              f"must divide model.moe.num_experts ({moe.num_experts}), got {moe.n_groups}")
@@ -214,6 +214,6 @@ def _validate_finetune(cfg: Config) -> None:
         LORA_TARGETS.check(target)
     m = cfg.model
     present = {"attention"} | ({"experts"} if m.is_moe else set()) | ({"shared_experts"} if m.shared_width else set())
-    present |= {"mlp"} if not all(m.sparse_layers) else set()
+    present |= {"mlp"} if m.n_sparse_layers < m.n_layers else set()
     _require(bool(set(lora.targets) & present), "finetune.lora.targets",
              f"{lora.targets} selects no weight of this model (it has {', '.join(sorted(present))})")

@@ -93,6 +93,18 @@ class ModelConfig:
         return self.moe.shared_experts * (self.moe.shared_hidden_dim or self.expert_width)
 
     @property
+    def n_sparse_layers(self) -> int:
+        """How many layers are sparse, counted without listing them (configs may name billions
+        of layers: `params` answers for any size)."""
+        if not self.is_moe:
+            return 0
+        moe, every = self.moe, self.moe.sparse_every
+        count = max(0, self.n_layers // every - moe.first_dense_layers // every)
+        exempt = {i for i in moe.dense_layers
+                  if moe.first_dense_layers <= i < self.n_layers and (i + 1) % every == 0}
+        return count - len(exempt)
+
+    @property
     def sparse_layers(self) -> tuple[bool, ...]:
         """Per layer, whether its FFN is the MoE block (False: the dense FFN of hidden_dim)."""
         moe, dense = self.moe, set(self.moe.dense_layers)

@@ -54,6 +54,29 @@ def plan_segments(sparse: Sequence[bool]) -> tuple[Segment, ...]:
     return tuple(segments)
 
 
+def plan_model(n_layers: int, is_moe: bool, first_dense: int, every: int,
+               dense_layers: Sequence[int]) -> tuple[Segment, ...]:
+    """The segments of a model's layer pattern (ModelConfig.sparse_layers' rule). The regular
+    patterns (first k dense, then every n-th layer sparse) are cut by arithmetic, so a config
+    naming billions of layers plans in constant time; an explicit dense_layers list is cut
+    from the listed kinds by plan_segments."""
+    if not is_moe:
+        return (Segment((False,), n_layers, 0),)
+    if dense_layers:
+        return plan_segments([i >= first_dense and (i + 1) % every == 0 and i not in set(dense_layers)
+                              for i in range(n_layers)])
+    segments, start = [], min(first_dense, n_layers)
+    if start:
+        segments.append(Segment((False,), start, 0))
+    unit = tuple((i + 1) % every == 0 for i in range(start, start + every))
+    repeats = (n_layers - start) // every
+    if repeats:
+        segments.append(Segment(unit, repeats, start))
+    for i in range(start + repeats * every, n_layers):  # fewer than `every` layers left
+        segments.append(Segment(((i + 1) % every == 0,), 1, i))
+    return tuple(segments)
+
+
 def stack_index(sparse: Sequence[bool]) -> list[tuple[bool, int]]:
     """Per global layer: (its kind, its index within that kind's stack)."""
     seen = {True: 0, False: 0}

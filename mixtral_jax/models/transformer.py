@@ -15,7 +15,7 @@ from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.kernels.grouped_pallas import SAVE_NAME as GROUPED_MATMUL
 from mixtral_jax.kernels.matmul import SAVE_NAME as ROWS_MATMUL
 from mixtral_jax.models.attention import Attention, KVCache
-from mixtral_jax.models.layer_plan import plan_segments
+from mixtral_jax.models.layer_plan import plan_model
 from mixtral_jax.models.layers import INIT_STD, MLP, RMSNorm, as_dtype, make_param
 from mixtral_jax.models.moe import MoEBlock
 from mixtral_jax.parallel.rules import constrain
@@ -119,8 +119,9 @@ class Transformer(nnx.Module):
         # Keep scalars, not the (unhashable) config dataclass: module statics go in the graphdef.
         self.is_moe = cfg.is_moe
         self.n_layers = cfg.n_layers
-        sparse = cfg.sparse_layers
-        self.segments = plan_segments(sparse)
+        moe = cfg.moe
+        self.segments = plan_model(cfg.n_layers, cfg.is_moe, moe.first_dense_layers, moe.sparse_every, moe.dense_layers)
+        n_sparse = cfg.n_sparse_layers
         # For generation: cache geometry, and the longest sequence a full-attention cache may hold.
         self.sliding_window = cfg.sliding_window
         self.max_seq_len = cfg.max_seq_len
@@ -135,14 +136,14 @@ class Transformer(nnx.Module):
         self.embed = make_param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), pdt)
 
         def make_blocks(kind_is_sparse: bool) -> Block:
-            @nnx.split_rngs(splits=sum(1 for s in sparse if s == kind_is_sparse))
+            @nnx.split_rngs(splits=n_sparse if kind_is_sparse else cfg.n_layers - n_sparse)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
             def make(layer_rngs: nnx.Rngs) -> Block:
                 return Block(cfg, sparse=kind_is_sparse, kernels=kernels, rngs=layer_rngs)
             return make(rngs)
 
         self.blocks = make_blocks(cfg.is_moe)
-        self.dense_blocks = make_blocks(False) if cfg.is_moe and not all(sparse) else None
+        self.dense_blocks = make_blocks(False) if cfg.is_moe and n_sparse < cfg.n_layers else None
         self.final_norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=pdt)
         if not cfg.tie_embeddings:
             self.lm_head = make_param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), pdt)

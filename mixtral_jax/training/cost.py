@@ -44,7 +44,7 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
     moe = cfg.moe
     sparse_ffn = (moe.top_k * 3 * cfg.dim * cfg.expert_width + cfg.dim * moe.num_experts
                   + 3 * cfg.dim * cfg.shared_width + (cfg.dim if moe.shared_gate else 0))
-    n_sparse = sum(cfg.sparse_layers)
+    n_sparse = cfg.n_sparse_layers
     ffn = n_sparse * sparse_ffn + (cfg.n_layers - n_sparse) * dense_ffn
     return cfg.n_layers * attention + ffn + cfg.dim * cfg.vocab_size
 

@@ -199,11 +199,13 @@ def plan_memory(cfg: Config, mesh_sizes: dict[str, int]) -> MemoryPlan:
     params, gathered_layer, expert_grads = _param_bytes(cfg.model, abstract_mesh)
     kept = KEPT_BY_REMAT[cfg.model.remat]
     saved, recompute = 0.0, 0.0
-    for sparse in cfg.model.sparse_layers:
-        per_layer = _per_token_layer(cfg, mesh, local_tokens, sparse)
-        saved += per_layer[kept]
-        if cfg.model.remat != "none":  # one layer rebuilt in backward
-            recompute = max(recompute, per_layer["all"])
+    n_sparse = cfg.model.n_sparse_layers
+    for sparse, count in ((True, n_sparse), (False, cfg.model.n_layers - n_sparse)):
+        if count:
+            per_layer = _per_token_layer(cfg, mesh, local_tokens, sparse)
+            saved += count * per_layer[kept]
+            if cfg.model.remat != "none":  # one layer rebuilt in backward
+                recompute = max(recompute, per_layer["all"])
     vocab = _split(cfg.model.vocab_size, mesh["tensor"])
     logits = 3 * vocab * 4  # float32 logits, their softmax and their gradient
     activations = int(local_tokens * (saved + recompute + logits))
