@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mixtral_jax.experiments.dense_vs_moe import ArmRun
+from mixtral_jax.experiments.dense_vs_moe_arms import ArmRun
 from mixtral_jax.experiments.paired_stats import first_reach, interpolate, paired_gap
 
 

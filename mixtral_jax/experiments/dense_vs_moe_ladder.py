@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mixtral_jax.experiments import report
-from mixtral_jax.experiments.dense_vs_moe import Arm, ArmRun
+from mixtral_jax.experiments.dense_vs_moe_arms import Arm, ArmRun
 from mixtral_jax.experiments.dense_vs_moe_curves import curve
 from mixtral_jax.experiments.paired_stats import compute_multiplier, paired_gap
 from mixtral_jax.experiments.runner import SMOKE, experiment_config, train_run

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mixtral_jax.config import load_config
-from mixtral_jax.experiments.dense_vs_moe import ARMS, PRIMARY, UPCYCLE_AT, ArmRun
+from mixtral_jax.experiments.dense_vs_moe_arms import ARMS, PRIMARY, UPCYCLE_AT, ArmRun
 from mixtral_jax.experiments.runner import RunResult
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mixtral_jax.experiments import report
-from mixtral_jax.experiments.dense_vs_moe import ArmRun
+from mixtral_jax.experiments.dense_vs_moe_arms import ArmRun
 from mixtral_jax.experiments.dense_vs_moe_curves import curve
 
 COLORS = {"dense": "tab:blue", "moe": "tab:red", "dense_wide": "tab:green", "upcycled": "tab:purple"}

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from mixtral_jax.experiments import report
-from mixtral_jax.experiments.dense_vs_moe import ArmRun
+from mixtral_jax.experiments.dense_vs_moe_arms import ArmRun
 from mixtral_jax.experiments.dense_vs_moe_curves import curve, gap_over_training, speedup, trend
 from mixtral_jax.experiments.dense_vs_moe_plots import curve_plot, gap_plot, heatmaps
 from mixtral_jax.experiments.paired_stats import PairedGap, mean_std, paired_gap
