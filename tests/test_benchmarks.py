@@ -84,6 +84,16 @@ def test_train_loop_smoke_compares_the_real_loop_with_torch(corpus_cache):
     assert len(ratios) == 1 and next(iter(ratios)).startswith("worst ours/torch ("), ratios
 
 
+def test_moe_dispatch_smoke_covers_every_row_kind():
+    # plain, fine-grained (64 experts top-8, width dim / 2) and a gated shared expert, each
+    # against its dense-equivalent layer (routed + shared width) in the same rounds
+    ratios = _run_smoke("moe_dispatch")
+    names = sorted(ratios)
+    assert len(names) == 3, ratios
+    assert any("E64 k8" in n and "width 32" in n for n in names), names
+    assert any("1 shared gated" in n for n in names), names
+
+
 def test_downstream_smoke_scores_the_same_requests_as_lm_evals_hf_backend(corpus_cache):
     # The script exits non-zero when its log-likelihoods and HFLM's differ by more than 1e-3.
     for module in ("lm_eval", "transformers", "accelerate"):

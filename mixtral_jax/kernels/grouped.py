@@ -4,7 +4,8 @@
         -> [N, k, D], out[n, j] = SwiGLU_{expert_ids[n, j]}(x[n])
 
 Each implementation sorts the N * k slots by expert once, lays the rows out for its grouped
-matmul, gathers x into that layout and gathers the results back per slot. `grouped.buffer` is
+matmul, gathers x into that layout and gathers the results back per slot (on CPU each run
+gathers its own rows and writes its results to their slots). `grouped.buffer` is
 the same function for a worst-case-sized buffer whose unused rows carry the id E (the
 expert-parallel receive buffer). Which one a model runs is `Kernels.grouped` (backend.py):
 - `PALLAS` (GPU, 16-bit compute; `ragged_dot` for shapes or dtypes the kernel does not take):

@@ -13,12 +13,21 @@ ordinary matmuls of a few static sizes:
   padding and needs no loop (1.21x vs 1.26-1.33x at 1024 tokens); with skewed loads the
   overflow runs cost more.
 `cpu_slot_swiglu` picks the layout per batch on the device (`prefers_fitted`). Both layouts
-share one row buffer, its size fixed by the half-block padding, and one custom_vjp
-(`_rows_swiglu`) whose residuals are that buffer's activations: a plain lax.cond between the
-two made autodiff keep both layouts' residuals, which cost the MoE train step 2.2% even where
-the runs were always taken. The backward is hand-written so each run's weight gradients
-accumulate in place per expert (autodiff of the loop adds a zero-padded [E, D, H] cotangent
-per run). Figures: one layer forward + backward against a dense layer of the routed FLOPs,
+share one row table (`slot_of_row`), its size fixed by the half-block padding, and one
+custom_vjp (`_rows_swiglu`) whose residuals are the rows' gate and up activations: a plain
+lax.cond between the two made autodiff keep both layouts' residuals, which cost the MoE train
+step 2.2% even where the runs were always taken. The backward is hand-written so each run's
+weight gradients accumulate in place per expert (autodiff of the loop adds a zero-padded
+[E, D, H] cotangent per run).
+The rows' inputs and outputs are never laid out whole: each run gathers its rows from x (in the
+backward also its rows of the slots' cotangent), writes its outputs straight to their slots and
+adds its input gradients into the tokens' rows. Copying x into the [rows, D] layout, the outputs
+back out of it and the gradients both ways made passes over k x N x D floats that cost about as
+much as the matmuls when experts are narrow: one layer of 64 experts top-8 of width dim / 2 (dim
+256, forward + backward) takes 0.93x the time without them; with the other changes of that
+revision (weight gradients below, kernels/rows.py's combine and sort) 0.81x, from 1.93x to 1.63x
+a dense layer of its active FLOPs (2-core CPU, process CPU time).
+Figures: one layer forward + backward against a dense layer of the routed FLOPs,
 `python -m benchmarks.moe_dispatch` (docs/performance.md).
 """
 
@@ -31,7 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax.kernels.rows import move, padded_block_count, padded_rows, sorted_layout
+from mixtral_jax.kernels.rows import padded_block_count, padded_rows, sorted_layout, take_rows
 
 
 def block_size(rows: int, num_experts: int) -> int:
@@ -81,15 +90,13 @@ def _levels(rows: int, half: int) -> int:
 
 class RowLayout(NamedTuple):
     slot_of_row: jax.Array  # [R] the slot each row computes; N * k: a zero padding row
-    row_of_slot: jax.Array  # [N * k]
     units: Units  # the runs (after the batched region, if fitted)
     fitted: jax.Array  # bool []: rows [0, E * C) are the batched region, expert e's at [e C, e C + C)
 
 
 def _blocked_layout(expert_ids: jax.Array, num_experts: int, half: int) -> RowLayout:
-    slot_of_row, row_of_slot, _, _, _, bounds = padded_rows(expert_ids, num_experts, half)
-    return RowLayout(slot_of_row, row_of_slot, _units(bounds, half, _levels(expert_ids.size, half)),
-                     jnp.zeros((), bool))
+    slot_of_row, _, _, _, _, bounds = padded_rows(expert_ids, num_experts, half)
+    return RowLayout(slot_of_row, _units(bounds, half, _levels(expert_ids.size, half)), jnp.zeros((), bool))
 
 
 def _fitted_layout(expert_ids: jax.Array, num_experts: int, capacity: int, half: int) -> RowLayout:
@@ -107,21 +114,27 @@ def _fitted_layout(expert_ids: jax.Array, num_experts: int, capacity: int, half:
     slot_of_place = jnp.full((batched,), n * k, jnp.int32).at[place].set(jnp.arange(n * k, dtype=jnp.int32),
                                                                            mode="drop")
     overflow = jnp.where(fits, num_experts, flat).reshape(n, k)  # id E: not in the runs
-    over_slot_of_row, over_row_of_slot, _, _, _, bounds = padded_rows(overflow, num_experts, half)
+    over_slot_of_row, _, _, _, _, bounds = padded_rows(overflow, num_experts, half)
     region = over_slot_of_row.shape[0] - batched
     return RowLayout(jnp.concatenate([slot_of_place, over_slot_of_row[:region]]),
-                     jnp.where(fits, place, batched + over_row_of_slot),
                      _units(bounds, half, _levels(n * k, half), first_row=batched), jnp.ones((), bool))
 
 
-def _run_loops(xf, units, half, w_gate, w_up, w_down, carry, keep_activations: bool):
+def _tokens(slots: jax.Array, k: int, n: int) -> jax.Array:
+    """The token row each slot reads (a padding row's slot, n * k or past it: row n, out of range)."""
+    return jnp.where(slots < n * k, slots // k, n)
+
+
+def _run_loops(x, slot_of_row, units, half, k, w_gate, w_up, w_down, carry, keep_activations: bool):
+    n = x.shape[0]
     for j in range(units.row.shape[0]):
         def body(i, carry, first_row=units.row[j], expert=units.expert[j], rows=half << j):
             out, gates, ups = carry
             e, r = expert[i], first_row[i]
-            xb = jax.lax.dynamic_slice_in_dim(xf, r, rows)
+            slots = jax.lax.dynamic_slice_in_dim(slot_of_row, r, rows)
+            xb = take_rows(x, _tokens(slots, k, n))
             gate, up = xb @ w_gate[e], xb @ w_up[e]
-            out = jax.lax.dynamic_update_slice_in_dim(out, _silu_parts(gate)[0] * up @ w_down[e], r, 0)
+            out = out.at[slots].set(_silu_parts(gate)[0] * up @ w_down[e], mode="drop")
             if keep_activations:  # residuals for the backward pass, [rows, H] each
                 gates = jax.lax.dynamic_update_slice_in_dim(gates, gate, r, 0)
                 ups = jax.lax.dynamic_update_slice_in_dim(ups, up, r, 0)
@@ -131,37 +144,42 @@ def _run_loops(xf, units, half, w_gate, w_up, w_down, carry, keep_activations: b
     return carry
 
 
-def _batched_forward(xf, batched, w_gate, w_up, w_down, carry, keep_activations: bool):
-    num_experts, d = w_gate.shape[0], xf.shape[1]
-    xs = xf[:batched].reshape(num_experts, batched // num_experts, d)
+def _batched_forward(x, slot_of_row, batched, k, w_gate, w_up, w_down, carry, keep_activations: bool):
+    num_experts, (n, d) = w_gate.shape[0], x.shape
+    slots = slot_of_row[:batched]
+    xs = take_rows(x, _tokens(slots, k, n)).reshape(num_experts, batched // num_experts, d)
     gate, up = jnp.einsum("ecd,edh->ech", xs, w_gate), jnp.einsum("ecd,edh->ech", xs, w_up)
     out, gates, ups = carry
-    out = out.at[:batched].set(jnp.einsum("ech,ehd->ecd", _silu_parts(gate)[0] * up, w_down).reshape(batched, d))
+    out = out.at[slots].set(jnp.einsum("ech,ehd->ecd", _silu_parts(gate)[0] * up, w_down).reshape(batched, d),
+                            mode="drop")
     if keep_activations:
         gates, ups = gates.at[:batched].set(gate.reshape(batched, -1)), ups.at[:batched].set(up.reshape(batched, -1))
     return out, gates, ups
 
 
-def _forward(xf, units, fitted, half, batched, w_gate, w_up, w_down, keep_activations: bool):
-    act_shape = (xf.shape[0], w_gate.shape[-1]) if keep_activations else (0,)
-    # carries typed like xf (zeros_like keeps its dtype); rows nothing covers stay zero
-    zeros = lambda: (jnp.zeros_like(xf), jnp.zeros_like(xf, shape=act_shape), jnp.zeros_like(xf, shape=act_shape))
+def _forward(x, slot_of_row, units, fitted, half, batched, k, w_gate, w_up, w_down, keep_activations: bool):
+    act_shape = (slot_of_row.shape[0], w_gate.shape[-1]) if keep_activations else (0,)
+    # carries typed like x; slots no row computes (ids E, not routed here) stay zero
+    zeros = lambda: (jnp.zeros_like(x, shape=(x.shape[0] * k, x.shape[1])), jnp.zeros_like(x, shape=act_shape),
+                     jnp.zeros_like(x, shape=act_shape))
     # The batched region first, each branch making the loop's initial carry: a branch that passed
     # a carry through unchanged would copy it.
-    carry = jax.lax.cond(fitted, lambda: _batched_forward(xf, batched, w_gate, w_up, w_down, zeros(), keep_activations),
-                         zeros) if batched else zeros()
-    return _run_loops(xf, units, half, w_gate, w_up, w_down, carry, keep_activations)
+    carry = jax.lax.cond(fitted, lambda: _batched_forward(x, slot_of_row, batched, k, w_gate, w_up, w_down, zeros(),
+                                                          keep_activations), zeros) if batched else zeros()
+    return _run_loops(x, slot_of_row, units, half, k, w_gate, w_up, w_down, carry, keep_activations)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _rows_swiglu(xf, units, fitted, w_gate, w_up, w_down, half, batched):
-    """SwiGLU of every row with its expert's weights, rows laid out as `RowLayout` says."""
-    return _forward(xf, units, fitted, half, batched, w_gate, w_up, w_down, keep_activations=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _rows_swiglu(x, slot_of_row, units, fitted, w_gate, w_up, w_down, half, batched, k):
+    """[N * k, D]: every slot through its expert, the slots laid out in rows as `RowLayout` says.
+    Each run gathers its rows from x and writes its outputs to their slots."""
+    return _forward(x, slot_of_row, units, fitted, half, batched, k, w_gate, w_up, w_down, keep_activations=False)[0]
 
 
-def _rows_swiglu_fwd(xf, units, fitted, w_gate, w_up, w_down, half, batched):
-    out, gates, ups = _forward(xf, units, fitted, half, batched, w_gate, w_up, w_down, keep_activations=True)
-    return out, (xf, units, fitted, w_gate, w_up, w_down, gates, ups)
+def _rows_swiglu_fwd(x, slot_of_row, units, fitted, w_gate, w_up, w_down, half, batched, k):
+    out, gates, ups = _forward(x, slot_of_row, units, fitted, half, batched, k, w_gate, w_up, w_down,
+                               keep_activations=True)
+    return out, (x, slot_of_row, units, fitted, w_gate, w_up, w_down, gates, ups)
 
 
 def _swiglu_grads(silu, dsilu, up, do, w_down_t):
@@ -170,19 +188,43 @@ def _swiglu_grads(silu, dsilu, up, do, w_down_t):
     return dh * up * dsilu, dh * silu
 
 
-def _rows_swiglu_bwd(half, batched, res, d_out):
-    xf, units, fitted, w_gate, w_up, w_down, gates, ups = res
-    f32 = jnp.float32
+# A run's weight gradients a^T b take a transposed copy of a when a has at most this many rows,
+# and at most this many elements: the gathered inputs, the activation silu(gate) * up (computed
+# inside its copy, in transposed order). See `_weight_grad`.
+TRANSPOSED_GRAD_MAX_ROWS, TRANSPOSED_INPUT_MAX_SIZE, TRANSPOSED_ACTIVATION_MAX_SIZE = 512, 2**18, 2**17
+
+
+def _weight_grad(a: jax.Array, b: jax.Array, max_size: int) -> jax.Array:
+    """a^T b in float32 for one run's rows a [rows, X], b [rows, Y]. XLA:CPU runs a dot that
+    contracts both operands' leading (row) axis with a slower routine (kernels/matmul.py), and a
+    transpose inside the loop with a slow one too. A transposed copy of a (the barrier keeps XLA
+    from folding it back into the dot), then a plain dot, measured 8% faster on one layer of 64
+    experts top-8 (dim 256, width 128; runs of 64-512 rows) and 4% at dim 512, width 256; runs of
+    1024 rows, or an activation of [512, 512] and more, were 2-25% slower that way than the
+    contracting dot (2-core CPU, paired rounds, process CPU time)."""
+    if a.shape[0] <= TRANSPOSED_GRAD_MAX_ROWS and a.size <= max_size:
+        return jnp.dot(jax.lax.optimization_barrier(a.T), b, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _rows_swiglu_bwd(half, batched, k, res, d_out):
+    x, slot_of_row, units, fitted, w_gate, w_up, w_down, gates, ups = res
+    f32, (n, d) = jnp.float32, x.shape
     zeros32 = lambda w: jnp.zeros_like(w, dtype=f32)
-    zeros = lambda: (jnp.zeros_like(xf), zeros32(w_gate), zeros32(w_up), zeros32(w_down))
+    # dx accumulates in float32 over each token's k slots (scatter-adds into [N, D])
+    zeros = lambda: (jnp.zeros_like(x, dtype=f32), zeros32(w_gate), zeros32(w_up), zeros32(w_down))
 
     def batched_bwd():  # the loop's initial carry: the batched region's gradients
-        e, d = w_gate.shape[0], xf.shape[1]
-        xs, gate, up, do = (a[:batched].reshape(e, batched // e, -1) for a in (xf, gates, ups, d_out))
+        e = w_gate.shape[0]
+        slots = slot_of_row[:batched]
+        tokens = _tokens(slots, k, n)
+        xs = take_rows(x, tokens).reshape(e, batched // e, d)
+        do = take_rows(d_out, slots).reshape(e, batched // e, d)
+        gate, up = (a[:batched].reshape(e, batched // e, -1) for a in (gates, ups))
         silu, dsilu = _silu_parts(gate)
         dgate, dup = _swiglu_grads(silu, dsilu, up, do, w_down.swapaxes(1, 2))
         dxs = jnp.einsum("ech,edh->ecd", dgate, w_gate) + jnp.einsum("ech,edh->ecd", dup, w_up)
-        return (jnp.zeros_like(xf).at[:batched].set(dxs.reshape(batched, d)),
+        return (jnp.zeros_like(x, dtype=f32).at[tokens].add(dxs.reshape(batched, d).astype(f32), mode="drop"),
                 jnp.einsum("ecd,ech->edh", xs, dgate, preferred_element_type=f32),
                 jnp.einsum("ecd,ech->edh", xs, dup, preferred_element_type=f32),
                 jnp.einsum("ech,ecd->ehd", silu * up, do, preferred_element_type=f32))
@@ -192,23 +234,35 @@ def _rows_swiglu_bwd(half, batched, res, d_out):
         def body(i, carry, first_row=units.row[j], expert=units.expert[j], rows=half << j):
             dx, dwg, dwu, dwd = carry
             e, r = expert[i], first_row[i]
-            xb, gate, up, do = (jax.lax.dynamic_slice_in_dim(a, r, rows) for a in (xf, gates, ups, d_out))
+            slots = jax.lax.dynamic_slice_in_dim(slot_of_row, r, rows)
+            tokens = _tokens(slots, k, n)
+            xb, do = take_rows(x, tokens), take_rows(d_out, slots)
+            gate, up = (jax.lax.dynamic_slice_in_dim(a, r, rows) for a in (gates, ups))
             silu, dsilu = _silu_parts(gate)
             dgate, dup = _swiglu_grads(silu, dsilu, up, do, w_down[e].T)
             # Weight gradients accumulate in float32, in place in the loop carry.
-            dwd = dwd.at[e].add(jnp.dot((silu * up).T, do, preferred_element_type=f32))
-            dwg = dwg.at[e].add(jnp.dot(xb.T, dgate, preferred_element_type=f32))
-            dwu = dwu.at[e].add(jnp.dot(xb.T, dup, preferred_element_type=f32))
-            dx = jax.lax.dynamic_update_slice_in_dim(dx, dgate @ w_gate[e].T + dup @ w_up[e].T, r, 0)
+            dwd = dwd.at[e].add(_weight_grad(silu * up, do, TRANSPOSED_ACTIVATION_MAX_SIZE))
+            dwg = dwg.at[e].add(_weight_grad(xb, dgate, TRANSPOSED_INPUT_MAX_SIZE))
+            dwu = dwu.at[e].add(_weight_grad(xb, dup, TRANSPOSED_INPUT_MAX_SIZE))
+            dx = dx.at[tokens].add(jnp.dot(dgate, w_gate[e].T, preferred_element_type=f32)
+                                   + jnp.dot(dup, w_up[e].T, preferred_element_type=f32), mode="drop")
             return dx, dwg, dwu, dwd
 
         carry = jax.lax.fori_loop(0, units.count[j], body, carry)
 
     dx, dwg, dwu, dwd = carry
-    return dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
+    return (dx.astype(x.dtype), None, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype),
+            dwd.astype(w_down.dtype))
 
 
 _rows_swiglu.defvjp(_rows_swiglu_fwd, _rows_swiglu_bwd)
+
+
+def _slot_outputs(x, layout: RowLayout, expert_ids, w_gate, w_up, w_down, half, batched):
+    """[N, k, D] slot outputs of the slots laid out as `layout` says (batched: its region's rows)."""
+    n, k = expert_ids.shape
+    out = _rows_swiglu(x, layout.slot_of_row, layout.units, layout.fitted, w_gate, w_up, w_down, half, batched, k)
+    return out.reshape(n, k, -1)
 
 
 def _half(block: int) -> int:
@@ -223,8 +277,7 @@ def blocked_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, 
     buffers whose rows are mostly padding (the expert-parallel receive buffer)."""
     half = _half(block or block_size(expert_ids.size, w_gate.shape[0]))
     layout = _blocked_layout(expert_ids, w_gate.shape[0], half)
-    return move(x, layout.slot_of_row, layout.row_of_slot, expert_ids.shape[1],
-                lambda xf: _rows_swiglu(xf, layout.units, layout.fitted, w_gate, w_up, w_down, half, 0))
+    return _slot_outputs(x, layout, expert_ids, w_gate, w_up, w_down, half, 0)
 
 
 CPU_CAPACITY_FACTOR = 1.125  # batched rows per expert over the mean; the rest go to the runs
@@ -271,8 +324,7 @@ def laid_out_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array,
                          f"the row buffer of {n * k} slots padded to {half}-row half-blocks")
     layout = jax.lax.cond(fitted, lambda ids: _fitted_layout(ids, num_experts, capacity, half),
                           lambda ids: _blocked_layout(ids, num_experts, half), expert_ids)
-    return move(x, layout.slot_of_row, layout.row_of_slot, k, lambda xf: _rows_swiglu(
-        xf, layout.units, layout.fitted, w_gate, w_up, w_down, half, num_experts * capacity))
+    return _slot_outputs(x, layout, expert_ids, w_gate, w_up, w_down, half, num_experts * capacity)
 
 
 def cpu_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
