@@ -95,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs, cut = partial_runs(out)
     if not runs:
         raise SystemExit(f"{out}: no seed has both primary runs evaluated yet")
+    missing = [f"{a.name}_seed{s}" for a in ARMS for s in a.seeds
+               if not any(r.arm.name == a.name and r.seed == s for r in runs)]
     note = (f"PARTIAL: every run cut at step {cut} (the last eval step all included primary runs reached); "
-            "runs absent below had not reached it (or, for the upcycled arm, not finished).")
+            f"not included (not trained that far): {', '.join(missing) or 'none'}.")
     print(dense_vs_moe_report.write(out, runs, PRIMARY, note=note))
 
 

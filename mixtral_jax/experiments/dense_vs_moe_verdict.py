@@ -27,11 +27,14 @@ def _trend(over: list[dict], trend: dict) -> str:
     if len(over) < 2:
         return ""
     first, mid, last = over[0], over[(len(over) - 1) // 2], over[-1]
-    # direction, not |gap|: a gap that changes sign is neither "widening" nor "narrowing"
-    moves = "falls (in the MoE's favour)" if last["mean"] < mid["mean"] else "rises (against the MoE)"
+    # direction, not |gap| (a gap that changes sign is neither "widening" nor "narrowing"), from the
+    # fitted slope over the second half when there is one, else from its two ends
+    slope = trend.get("slope_per_decade")
+    falling = slope < 0 if slope is not None else last["mean"] < mid["mean"]
+    moves = "falls (in the MoE's favour)" if falling else "rises (against the MoE)"
     text = (f"Over training the gap goes {first['mean']:+.4f} (step {first['step']}) -> {mid['mean']:+.4f} "
             f"(step {mid['step']}) -> {last['mean']:+.4f} (step {last['step']}): it {moves} over the second half")
-    slope, zero = trend.get("slope_per_decade"), trend.get("zero_at_tokens")
+    zero = trend.get("zero_at_tokens")
     if slope is not None:
         text += f" ({slope:+.4f} nats per decade of tokens)"
     if zero is not None and last["mean"] > 0:
