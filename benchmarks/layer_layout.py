@@ -59,7 +59,7 @@ class PerLayerTransformer(transformer.Transformer):
         @nnx.split_rngs(splits=1)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_METADATA)
         def one_layer(layer_rngs: nnx.Rngs) -> transformer.Block:
-            return transformer.Block(one, kernels=self.kernels, rngs=layer_rngs)
+            return transformer.Block(one, sparse=cfg.is_moe, kernels=self.kernels, rngs=layer_rngs)
 
         self.blocks = nnx.List([one_layer(rngs) for _ in range(cfg.n_layers)])
 
