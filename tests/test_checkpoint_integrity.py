@@ -9,7 +9,6 @@ upcycle) checkpoints, eval, `mixtral-jax verify` and checkpoints saved before di
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,11 +18,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from meshes import mesh_of
+from meshes import mesh_of, one_device_trainers_with_compile_cache
 from mixtral_jax import cli
 from mixtral_jax.config import load_config
 from mixtral_jax.interop.convert import write_weights_run
-from mixtral_jax.training import trainer as trainer_module
 from mixtral_jax.training.checkpoint import Checkpointer, complete_steps
 from mixtral_jax.training.errors import RunError
 from mixtral_jax.training.evaluate import load_run_model
@@ -44,20 +42,8 @@ UNREAD = ("commit_success.txt", "ocdbt.process_0/manifest.ocdbt", "_sharding", "
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_device_and_compile_cache(tmp_path_factory):
-    from jax._src import compilation_cache  # no public way to switch the cache on after start-up
-
-    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-               "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module, "make_mesh", lambda cfg: mesh_of({"data": 1}))
+    with one_device_trainers_with_compile_cache(str(tmp_path_factory.mktemp("xla_cache"))):
         yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def _cfg(out_dir: Path, name: str, *extra: str):

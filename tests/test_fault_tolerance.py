@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from meshes import mesh_of
+from meshes import mesh_of, one_device_trainers_with_compile_cache
 from orbax.checkpoint._src.handlers import json_checkpoint_handler  # to fail a background write
 from mixtral_jax.config import ConfigError, load_config
 from mixtral_jax.data.tokenizer import load_or_train_tokenizer
@@ -45,20 +45,8 @@ TRAINED = [*EVERY_STEP, "train.steps=4", "train.keep_checkpoints=4", "train.eval
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_in_process_trainers(tmp_path_factory):
-    from jax._src import compilation_cache  # no public way to switch the cache on after start-up
-
-    options = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache_in_process")),
-               "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module, "make_mesh", lambda cfg: mesh_of({"data": 1}))
+    with one_device_trainers_with_compile_cache(str(tmp_path_factory.mktemp("xla_cache_in_process"))):
         yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def _cfg(out_dir: Path, name: str, *extra: str):
