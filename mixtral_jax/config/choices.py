@@ -24,6 +24,15 @@ DISPATCHERS = Registry("model.moe.dispatch", {
     "capacity": "GShard: C = ceil(k N / E * capacity_factor) slots per expert, the lowest-weight overflow dropped",
     "dense": "every expert on every token (the reference: E/k x the FLOPs)",
 }, module="mixtral_jax.models.dispatch")
+# Implemented in kernels/backend.py: name -> (backend, interpret) -> the grouped SwiGLU the MoE runs.
+GROUPED_KERNELS = Registry("model.grouped_kernel", {
+    "auto": "the backend's default (Kernels.for_backend): pallas on NVIDIA GPUs, ragged_dot on TPU, cpu on CPU",
+    "tokamax": "tokamax.ragged_dot: its Mosaic / Triton kernels on GPU and TPU, XLA's ragged dot elsewhere "
+               "(pip install 'mixtral_jax[gpu]')",
+    "pallas": "our Pallas (Triton) grouped matmul, rows padded per expert to whole blocks: NVIDIA GPUs only",
+    "ragged_dot": "jax.lax.ragged_dot, rows sorted by expert (XLA's native ragged dot on TPU)",
+    "cpu": "each expert's rows in matmuls of a few static sizes (XLA:CPU, which has no grouped matmul)",
+}, module="mixtral_jax.kernels.backend")
 # Implemented in models/routing.py: (batch, seq) -> the groups the load-balancing loss averages over.
 AUX_LOSS_SCOPES = Registry("model.moe.aux_loss_scope", {
     "batch": "Switch / GShard: f and P over the global batch",
@@ -107,7 +116,7 @@ WANDB_MODES = Registry("logging.wandb", {
 # Every config key whose value is one of a registry's names (lists: every element is).
 CHOICE_KEYS: dict[str, Registry] = {
     "model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": REMAT_POLICIES,
-    "model.attention_impl": ATTENTION_IMPLS, "model.qk_norm": QK_NORMS, "model.moe.router": ROUTERS, "model.moe.dispatch": DISPATCHERS,
+    "model.attention_impl": ATTENTION_IMPLS, "model.grouped_kernel": GROUPED_KERNELS, "model.qk_norm": QK_NORMS, "model.moe.router": ROUTERS, "model.moe.dispatch": DISPATCHERS,
     "model.moe.router_dtype": DTYPES, "model.moe.aux_loss_scope": AUX_LOSS_SCOPES, "optim.schedule": SCHEDULES,
     "train.on_nonfinite": NONFINITE_POLICIES, "logging.wandb": WANDB_MODES, "finetune.freeze": FREEZE,
     "finetune.lora.targets": LORA_TARGETS,

@@ -70,6 +70,10 @@ class ModelConfig:
     # auto = fully unrolled on CPU up to 8 layers, else a loop (Kernels.max_unrolled_layers)
     scan_unroll: Union[int, str] = "auto"
     attention_impl: str = "dot_product"  # which attention kernel runs
+    grouped_kernel: str = "auto"  # which grouped matmul the MoE experts run (dropless and capacity dispatch)
+    # FP8 (e4m3) matmul inputs, scaled per row / per output channel, straight-through gradients: the
+    # expert matmuls and the dense projections (the router stays in its own dtype); docs/performance.md
+    fp8: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:

@@ -4,7 +4,8 @@ The model never asks `jax.default_backend()` itself: it is built with a `Kernels
 `Kernels.for_backend()`) and calls `kernels.matmul`, `kernels.grouped` and reads
 `kernels.segment_bounds`. A benchmark or test that wants another choice builds the model with
 its own `Kernels` (e.g. `Kernels.for_backend().replace(matmul_custom_gradient=False)`), rather
-than patching a module.
+than patching a module. The config's own choices (`model.grouped_kernel`, `model.fp8`) are
+applied by `Kernels.with_choices`, once, where the model is built.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax.kernels import packed_attention
-from mixtral_jax.kernels.grouped import CPU, PALLAS, RAGGED, GroupedSwiGLU
+from mixtral_jax.config.choices import GROUPED_KERNELS
+from mixtral_jax.config.errors import ConfigError
+from mixtral_jax.kernels import fp8, packed_attention
+from mixtral_jax.kernels.grouped import (CPU, PALLAS, PALLAS_INTERPRETED, RAGGED, TOKAMAX, GroupedSwiGLU,
+                                         import_tokamax)
 from mixtral_jax.kernels.matmul import rows_matmul
 
 
@@ -29,6 +33,51 @@ from mixtral_jax.kernels.matmul import rows_matmul
 # backends keep the loop: their slices are not copies, and their models are deep.
 CPU_MAX_UNROLLED_LAYERS = 8
 
+# `model.grouped_kernel: auto`, per backend. GPU keeps our Pallas kernel: tokamax's kernels are
+# the candidate to replace it, but no H100 row of `benchmarks/grouped_matmul.py` has measured
+# them against it yet (docs/performance.md, "Kernel and exchange choices"). TPU: XLA's native
+# ragged dot. CPU: the static runs (XLA:CPU's ragged_dot is a masked dense matmul, 9x).
+AUTO_GROUPED = {"cpu": "cpu", "gpu": "pallas", "tpu": "ragged_dot"}
+# The expert-parallel exchange (parallel/expert_parallel.py): `ragged_all_to_all` sends only the
+# routed rows; XLA:CPU does not implement it ("not supported by XLA:CPU ThunkEmitter", jax
+# 0.10.2), so CPU keeps the padded all_to_all.
+EXCHANGE = {"cpu": "padded", "gpu": "ragged", "tpu": "ragged"}
+
+
+def _unavailable(name: str, why: str) -> ConfigError:
+    return ConfigError(f"config key 'model.grouped_kernel': {name} {why}")
+
+
+def _tokamax(backend: str, interpret: bool) -> GroupedSwiGLU:
+    try:
+        import_tokamax()  # the gpu extra
+    except ImportError as err:
+        raise _unavailable("tokamax", f"does not import here ({err}); pip install 'mixtral_jax[gpu]'") from None
+    return TOKAMAX
+
+
+def _pallas(backend: str, interpret: bool) -> GroupedSwiGLU:
+    if backend == "gpu":
+        return PALLAS
+    if interpret:
+        return PALLAS_INTERPRETED
+    raise _unavailable("pallas", f"runs Triton kernels on NVIDIA GPUs only, not on {backend}; "
+                       f"choose one of {', '.join(GROUPED_KERNELS.names)} (auto picks for the backend)")
+
+
+GROUPED_KERNELS.register("auto", lambda backend, interpret: GROUPED_KERNELS.get(
+    AUTO_GROUPED.get(backend, "ragged_dot"))(backend, interpret))
+GROUPED_KERNELS.register("tokamax", _tokamax)
+GROUPED_KERNELS.register("pallas", _pallas)
+GROUPED_KERNELS.register("ragged_dot", lambda backend, interpret: RAGGED)
+GROUPED_KERNELS.register("cpu", lambda backend, interpret: CPU)
+
+
+def grouped_kernel(name: str, backend: str | None = None, *, interpret: bool = False) -> GroupedSwiGLU:
+    """The grouped SwiGLU `model.grouped_kernel: name` runs on `backend` (default: jax's); a
+    one-line ConfigError when it cannot run there. interpret: Pallas' interpreter on a CPU (tests)."""
+    return GROUPED_KERNELS.get(name)(backend or jax.default_backend(), interpret)
+
 
 @dataclass(frozen=True)
 class Kernels:
@@ -40,25 +89,47 @@ class Kernels:
     attention_library: the kernel `jax.nn.dot_product_attention` is asked for under
     `model.attention_impl: dot_product` ("cudnn" on NVIDIA GPUs; "xla" forces XLA's composition
     through the same call); None = our own attention. max_unrolled_layers: `model.scan_unroll:
-    auto` unrolls the layer scan fully up to this many layers, else loops (see `scan_unroll`)."""
+    auto` unrolls the layer scan fully up to this many layers, else loops (see `scan_unroll`).
+    exchange: the expert-parallel token exchange, "padded" (all_to_all of worst-case buffers)
+    or "ragged" (`ragged_all_to_all`); see parallel/expert_parallel.py. backend: the one these
+    were chosen for. fp8: matmul inputs rounded to FP8 (fp8.py; `grouped` is then wrapped too)."""
 
     grouped: GroupedSwiGLU
     matmul_custom_gradient: bool
     segment_bounds: tuple[int, ...]
     attention_library: str | None
     max_unrolled_layers: int = 0
+    exchange: str = "padded"
+    backend: str = "cpu"
+    fp8: bool = False
 
     @classmethod
-    def for_backend(cls, backend: str | None = None) -> "Kernels":
-        """The measured-fastest choice for `backend` (default: jax's default backend)."""
+    def for_backend(cls, backend: str | None = None, grouped: str = "auto") -> "Kernels":
+        """The measured-fastest choice for `backend` (default: jax's default backend); grouped:
+        a `model.grouped_kernel` name (auto = AUTO_GROUPED's for the backend)."""
         backend = backend or jax.default_backend()
+        kernel = grouped_kernel(grouped, backend)
+        exchange = EXCHANGE.get(backend, "padded")
         if backend == "cpu":
-            return cls(CPU, matmul_custom_gradient=True, segment_bounds=(), attention_library=None,
-                       max_unrolled_layers=CPU_MAX_UNROLLED_LAYERS)
+            return cls(kernel, matmul_custom_gradient=True, segment_bounds=(), attention_library=None,
+                       max_unrolled_layers=CPU_MAX_UNROLLED_LAYERS, exchange=exchange, backend=backend)
         if backend == "gpu":
             bounds = packed_attention.SEGMENT_BOUNDS if packed_attention.supported() else ()
-            return cls(PALLAS, matmul_custom_gradient=False, segment_bounds=bounds, attention_library="cudnn")
-        return cls(RAGGED, matmul_custom_gradient=False, segment_bounds=(), attention_library=None)
+            return cls(kernel, matmul_custom_gradient=False, segment_bounds=bounds, attention_library="cudnn",
+                       exchange=exchange, backend=backend)
+        return cls(kernel, matmul_custom_gradient=False, segment_bounds=(), attention_library=None,
+                   exchange=exchange, backend=backend)
+
+    def with_choices(self, grouped_kernel_name: str = "auto", use_fp8: bool = False) -> "Kernels":
+        """These kernels with a config's `model.grouped_kernel` (auto keeps `grouped` as it is,
+        so a caller's own choice stands) and `model.fp8` applied. Idempotent: the model applies
+        it where it is built and again in each MoE block."""
+        named = grouped_kernel_name != "auto"
+        grouped = grouped_kernel(grouped_kernel_name, self.backend) if named else self.grouped
+        on = self.fp8 or use_fp8
+        if on and (named or not self.fp8):  # a fresh kernel, or FP8 newly on: wrapped once
+            grouped = fp8.grouped(grouped)
+        return self.replace(grouped=grouped, fp8=on)
 
     def replace(self, **changes) -> "Kernels":
         return dataclasses.replace(self, **changes)
@@ -71,4 +142,6 @@ class Kernels:
 
     def matmul(self, x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> jax.Array:
         """x [N, K] @ w [K, M], every projection's one entry point."""
+        if self.fp8:
+            x, w = fp8.matmul_inputs(x, w)
         return rows_matmul(x, w, out_dtype, custom_gradient=self.matmul_custom_gradient)

@@ -16,6 +16,10 @@ expert-parallel receive buffer). Which one a model runs is `Kernels.grouped` (ba
 - `RAGGED` (TPU): rows sorted by expert, `jax.lax.ragged_dot`, which XLA lowers to its
   ragged-dot instruction on TPU. On CPU, JAX lowers it to one dense matmul over a masked
   [E, M, D] copy of the input (9x), so CPU never takes it; tests use it as the reference.
+- `TOKAMAX` (`model.grouped_kernel: tokamax`; the `gpu` extra): the same sorted rows through
+  `tokamax.ragged_dot`, which takes the first of its implementations that accepts the call
+  (Mosaic GPU on Hopper, Triton, Mosaic TPU, else XLA's `ragged_dot`). On CPU that is XLA's,
+  so CPU runs it only in the tests, against `jax.lax.ragged_dot`.
 - `CPU` (`grouped_cpu`): rows padded per expert to half-blocks, each expert's rows in a few runs
   of static sizes, or near balance most rows in one batched [E, C, D] region, chosen per batch
   on the device. The buffer form takes the runs alone: the batched region would be sized from
@@ -24,6 +28,7 @@ expert-parallel receive buffer). Which one a model runs is `Kernels.grouped` (ba
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,20 +60,53 @@ def batched_swiglu(xs: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: ja
     return jnp.einsum("ech,ehd->ecd", jax.nn.silu(gate) * up, w_down)
 
 
+RaggedDot = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (x [M, K], w [E, K, N], sizes [E]) -> [M, N]
+
+
 def ragged_swiglu(xs: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                  w_down: jax.Array) -> jax.Array:
-    gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)
-    up = jax.lax.ragged_dot(xs, w_up, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+                  w_down: jax.Array, dot: RaggedDot = jax.lax.ragged_dot) -> jax.Array:
+    gate = dot(xs, w_gate, group_sizes)
+    up = dot(xs, w_up, group_sizes)
+    return dot(jax.nn.silu(gate) * up, w_down, group_sizes)
 
 
 def ragged_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                       w_down: jax.Array) -> jax.Array:
-    """Slot outputs [N, k, D] with rows sorted by expert and `ragged_dot` (TPU; the tests' reference)."""
+                       w_down: jax.Array, dot: RaggedDot = jax.lax.ragged_dot) -> jax.Array:
+    """Slot outputs [N, k, D] with rows sorted by expert and a ragged dot (`jax.lax.ragged_dot`:
+    TPU, and the tests' reference). Rows past the groups (buffer slots with id E) are zeroed:
+    a kernel other than XLA's need not write them, and they travel back through the exchange."""
     n, k = expert_ids.shape
     order, group_sizes = sorted_layout(expert_ids, w_gate.shape[0])
     row_of_slot = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=jnp.int32), unique_indices=True)
-    return move(x, order, row_of_slot, k, lambda xs: ragged_swiglu(xs, group_sizes, w_gate, w_up, w_down))
+
+    def compute(xs):
+        out = ragged_swiglu(xs, group_sizes, w_gate, w_up, w_down, dot)
+        if dot is jax.lax.ragged_dot:  # XLA's writes zeros there itself
+            return out
+        return jnp.where((jnp.arange(n * k) < jnp.sum(group_sizes))[:, None], out, 0)
+
+    return move(x, order, row_of_slot, k, compute)
+
+
+def import_tokamax():
+    """tokamax, imported when first asked for (it is an optional extra). It reads its options
+    from absl flags and, when nothing has parsed them, parses sys.argv itself, which fails on
+    any command line of ours: so the flags are marked parsed first, at their defaults."""
+    from absl import flags
+    import tokamax
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
+
+
+def tokamax_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                        w_down: jax.Array, implementation: str | None = None) -> jax.Array:
+    """`ragged_slot_swiglu` through `tokamax.ragged_dot` (implementation None: tokamax's own
+    order of preference: Mosaic, Triton, XLA)."""
+    tokamax = import_tokamax()
+    dot = functools.partial(tokamax.ragged_dot, implementation=implementation)
+    return ragged_slot_swiglu(x, expert_ids, w_gate, w_up, w_down, dot=dot)
 
 
 def pallas_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -100,4 +138,8 @@ def gpu_slot_swiglu(x: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up
 
 CPU = GroupedSwiGLU("cpu", tokens=cpu_slot_swiglu, buffer=blocked_slot_swiglu)
 PALLAS = GroupedSwiGLU("pallas", tokens=gpu_slot_swiglu, buffer=gpu_slot_swiglu)
-RAGGED = GroupedSwiGLU("ragged", tokens=ragged_slot_swiglu, buffer=ragged_slot_swiglu)
+RAGGED = GroupedSwiGLU("ragged_dot", tokens=ragged_slot_swiglu, buffer=ragged_slot_swiglu)
+TOKAMAX = GroupedSwiGLU("tokamax", tokens=tokamax_slot_swiglu, buffer=tokamax_slot_swiglu)
+_interpreted = functools.partial(pallas_slot_swiglu, interpret=True)
+# The Pallas kernels run by Pallas' interpreter, any dtype: for tests on a CPU.
+PALLAS_INTERPRETED = GroupedSwiGLU("pallas", tokens=_interpreted, buffer=_interpreted)

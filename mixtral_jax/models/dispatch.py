@@ -29,7 +29,8 @@ from mixtral_jax.config.choices import DISPATCHERS
 from mixtral_jax.kernels.grouped import GroupedSwiGLU, batched_swiglu as stacked_swiglu
 from mixtral_jax.kernels.rows import combine_slots, take_rows
 from mixtral_jax.models.routing import ExpertChoice, Routing, TokenChoice, capacity_size
-from mixtral_jax.parallel.expert_parallel import dispatch_mesh, expert_parallel_swiglu
+from mixtral_jax.parallel.expert_parallel import EXCHANGES, Exchange, dispatch_mesh, expert_parallel_swiglu, \
+    padded_exchange
 
 
 class Experts(NamedTuple):
@@ -74,7 +75,8 @@ def _capacity_priority(routing: TokenChoice, num_experts: int):
 
 
 def capacity(
-    x: jax.Array, routing: TokenChoice, experts: Experts, *, capacity_factor: float, grouped: GroupedSwiGLU
+    x: jax.Array, routing: TokenChoice, experts: Experts, *, capacity_factor: float, grouped: GroupedSwiGLU,
+    exchange: Exchange = padded_exchange,
 ) -> tuple[jax.Array, jax.Array]:
     """Fixed capacity C per expert; each expert keeps its C highest-weight slots.
 
@@ -84,7 +86,8 @@ def capacity(
     two keeps the other's weighted output, not renormalised. Returns the fraction of the N * k
     slots dropped. Cost: one sort of N * k keys, row gathers in and out, batched [E, C, D] matmuls.
     Under a mesh the same keep decision (taken over the global batch) feeds the expert-parallel
-    exchange, whose devices run `grouped.buffer` over what they receive.
+    exchange (`exchange`, one of expert_parallel.EXCHANGES), whose devices run `grouped.buffer`
+    over what they receive.
     """
     n, k = routing.expert_ids.shape
     num_experts = experts.w_gate.shape[0]
@@ -96,7 +99,7 @@ def capacity(
     if mesh is not None:
         keep = jnp.zeros((n * k,), bool).at[order].set(kept, unique_indices=True).reshape(n, k)
         y = expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts,
-                                   grouped=grouped.buffer, max_rows_per_expert=cap)
+                                   grouped=grouped.buffer, max_rows_per_expert=cap, exchange=exchange)
         return y, dropped
     dest = jnp.where(kept, sorted_ids * cap + rank, num_experts * cap)  # out of range = dropped
     slot_dest = jnp.zeros_like(dest).at[order].set(dest, unique_indices=True)  # per flat slot
@@ -110,8 +113,8 @@ def capacity(
     return y.astype(x.dtype), dropped
 
 
-def dropless(x: jax.Array, routing: TokenChoice, experts: Experts, *,
-             grouped: GroupedSwiGLU) -> tuple[jax.Array, jax.Array]:
+def dropless(x: jax.Array, routing: TokenChoice, experts: Experts, *, grouped: GroupedSwiGLU,
+             exchange: Exchange = padded_exchange) -> tuple[jax.Array, jax.Array]:
     """Sort the N * k (token, expert) slots by expert once and run grouped matmuls (`grouped`).
 
     Work is proportional to N * k (no expert sees a token not routed to it) and no token is ever
@@ -121,7 +124,7 @@ def dropless(x: jax.Array, routing: TokenChoice, experts: Experts, *,
     if mesh is not None:
         keep = jnp.ones(routing.expert_ids.shape, bool)
         return expert_parallel_swiglu(mesh, x, routing.expert_ids, routing.weights, keep, experts,
-                                      grouped=grouped.buffer), jnp.asarray(_ZERO, jnp.float32)
+                                      grouped=grouped.buffer, exchange=exchange), jnp.asarray(_ZERO, jnp.float32)
     y = combine_slots(grouped.tokens(x, routing.expert_ids, *experts), routing.weights)
     return y.astype(x.dtype), jnp.asarray(_ZERO, jnp.float32)
 
@@ -145,5 +148,6 @@ def expert_choice_dispatch(
 # expert-choice router is paired with `expert_choice_dispatch` (or `dense`) by MoEBlock.
 DISPATCHERS.register("dense", lambda moe, kernels: dense)
 DISPATCHERS.register("capacity", lambda moe, kernels: functools.partial(
-    capacity, capacity_factor=moe.capacity_factor, grouped=kernels.grouped))
-DISPATCHERS.register("dropless", lambda moe, kernels: functools.partial(dropless, grouped=kernels.grouped))
+    capacity, capacity_factor=moe.capacity_factor, grouped=kernels.grouped, exchange=EXCHANGES[kernels.exchange]))
+DISPATCHERS.register("dropless", lambda moe, kernels: functools.partial(
+    dropless, grouped=kernels.grouped, exchange=EXCHANGES[kernels.exchange]))

@@ -57,7 +57,8 @@ class MoEBlock(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
         moe = cfg.moe
-        kernels = kernels or Kernels.for_backend()
+        # The config's kernel choices apply here too, so they hold for MoE blocks built alone.
+        kernels = (kernels or Kernels.for_backend()).with_choices(cfg.grouped_kernel, cfg.fp8)
         # The only place strategies are chosen; __call__ just uses these.
         self.route = ROUTERS.get(moe.router)(moe)
         if moe.router == "expert_choice":
@@ -66,7 +67,8 @@ class MoEBlock(nnx.Module):
             self.dispatch = DISPATCHERS.get(moe.dispatch)(moe, kernels)
         self.aux_groups = AUX_LOSS_SCOPES.get(moe.aux_loss_scope)
         self.balance_probs = balance_probabilities(moe.router)
-        self.matmul = kernels.matmul
+        # The router's scores stay out of FP8: top-k selection flips on small errors in them.
+        self.matmul = kernels.replace(fp8=False).matmul
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
         self.jitter = moe.jitter
