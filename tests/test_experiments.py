@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from meshes import one_device_trainers_with_compile_cache
 
 from mixtral_jax.experiments.routing_stats import (
     IDENTIFIER,
@@ -20,6 +21,13 @@ from mixtral_jax.experiments.routing_stats import (
     consecutive_rates,
     token_categories,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_device_and_compile_cache(tmp_path_factory):
+    # the smoke studies train many runs of a few shapes: each program compiles once
+    with one_device_trainers_with_compile_cache(str(tmp_path_factory.mktemp("xla_cache_experiments"))):
+        yield
 
 
 def test_consecutive_rates_and_chance_on_a_hand_made_sequence():
@@ -44,7 +52,11 @@ def test_token_kinds_from_python_tokenize():
     assert char_categories("def broken(:\n  'unterminated") is None
 
 
-def _cell(report: str, row_label: str, column: str) -> str:
+def _cell(report: str, row_label: str, column: str, section: str | None = None) -> str:
+    """The cell of the first table (of the section whose heading starts with `section`)."""
+    if section is not None:
+        report = report[report.index(f"## {section}"):]
+        report = report[:report.find("\n## ", 3)] if "\n## " in report[3:] else report
     lines = [line for line in report.splitlines() if line.startswith("|")]
     headers = [h.strip() for h in lines[0].strip("|").split("|")]
     for line in lines[2:]:
@@ -80,6 +92,17 @@ def test_dense_vs_moe_smoke(tmp_path, corpus_cache):
             if f.is_file() and "meta" in f.parts[-2:][0] + f.name]
     assert any(re.search(r'"granular":\s*true', m) for m in meta), meta  # experiments narrower than the FFN
     assert re.search(r"paired gap \(b\) - \(a\) = [+-]\d", results["verdict"])
+    # the shipped downstream task per arm: the report's accuracy is each run's own lm-eval score
+    from mixtral_jax.experiments.dense_vs_moe import SMOKE_TASK_ITEMS
+    from mixtral_jax.experiments.downstream_scores import FILE
+
+    scored = {k: json.loads((d / FILE).read_text()) for k, d in arms.items()}
+    assert all(x["items"] == SMOKE_TASK_ITEMS and 0.0 <= x["acc"] <= 1.0 for x in scored.values())
+    assert results["arms"]["moe"]["downstream"]["acc"] == [scored[("moe", s)]["acc"] for s in (0, 1)]
+    acc_gap = paired_gap([scored[("dense", s)]["acc"] for s in (0, 1)], [scored[("moe", s)]["acc"] for s in (0, 1)])
+    assert results["downstream_gap"]["mean"] == pytest.approx(acc_gap.mean)
+    assert _cell(report, "(c) dense, FFN 4096 (= (b)'s total)", "acc", "Downstream") == f"{scored[('dense_wide', 0)]['acc']:.3f} (1 seed)"
+    assert "python_next_line" in results["verdict"]
     # a restart reuses every finished run (nothing retrains: no new metrics lines)
     before = {k: (d / "metrics.jsonl").stat().st_mtime for k, d in arms.items()}
     assert main(["experiment", "dense_vs_moe", "--smoke", "--out", str(tmp_path)]) == 0

@@ -8,6 +8,7 @@ held-out rows, same token budget):
   (d) upcycled: (b)'s shape upcycled (granular slices) from (a)'s checkpoint at 50% of the budget
       and trained for the other 50% (the Mixtral-from-Mistral route).
 The primary claim is (b) against (a), paired by seed; (c) and (d) run one seed (CPU budget).
+Every finished run also answers the shipped downstream task (downstream_scores.py) for the report.
 `--ladder` runs the scaling ladder instead (dense_vs_moe_ladder.py); the report and statistics
 are in dense_vs_moe_report.py and paired_stats.py.
 """
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 from mixtral_jax.config import load_config
+from mixtral_jax.experiments.downstream_scores import score_runs
 from mixtral_jax.experiments.runner import SMOKE, RunResult, experiment_config, train_run
 
 from mixtral_jax.experiments.dense_vs_moe_arms import (  # noqa: F401  (re-exported for callers)
     ARMS, NAME, PRIMARY, UPCYCLE_AT, UPCYCLE_DATA_SEED, Arm, ArmRun)
+
+SMOKE_TASK_ITEMS = 8  # --smoke scores this many items of the shipped task per run (the full set: 500)
 
 
 def _train_upcycled(arm: Arm, seed: int, parent: RunResult, extra: list[str], out: Path,
@@ -88,4 +92,5 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), full_scal
 
     out.mkdir(parents=True, exist_ok=True)
     runs = train_arms(out, smoke, overrides, full_scale)
-    return dense_vs_moe_report.write(out, runs, PRIMARY, smoke=smoke)
+    scores = score_runs([r.result.run_dir for r in runs], limit=SMOKE_TASK_ITEMS if smoke else None)
+    return dense_vs_moe_report.write(out, runs, PRIMARY, smoke=smoke, downstream=scores)

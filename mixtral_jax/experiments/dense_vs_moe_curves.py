@@ -63,23 +63,27 @@ def gap_over_training(dense: list[ArmRun], moe: list[ArmRun]) -> list[dict]:
         b = [cm.loss[cm.steps.index(step)] for _, cm in curves]
         gap = paired_gap(a, b)
         rows.append({"step": step, "tokens": curves[0][0].tokens[curves[0][0].steps.index(step)], "mean": gap.mean,
-                     "low": gap.low, "high": gap.high, "n": gap.n})
+                     "low": gap.low, "high": gap.high, "n": gap.n, "diffs": [y - x for x, y in zip(a, b)]})
     return rows
 
 
 def trend(rows: list[dict]) -> dict:
     """Least-squares line of the gap against log10(tokens) over the second half of the eval points:
-    its slope per decade, and the token count where it crosses zero if it heads that way."""
+    its slope per decade (fitted to the seed-mean gap), a 95% t-interval for that slope from the
+    per-seed slopes (each seed pair's own gap curve fitted alike, so the interval carries the seed
+    spread), and the token count where the fitted line crosses zero if it heads that way from above."""
     tail = rows[len(rows) // 2:]
     if len(tail) < 2:
-        return {"slope_per_decade": None, "zero_at_tokens": None}
+        return {"slope_per_decade": None, "slope_ci95": [None, None], "zero_at_tokens": None}
     x = np.log10([r["tokens"] for r in tail])
     y = np.array([r["mean"] for r in tail])
     slope, intercept = np.polyfit(x, y, 1)
+    per_seed = [float(np.polyfit(x, [r["diffs"][i] for r in tail], 1)[0]) for i in range(len(tail[0]["diffs"]))]
+    spread = paired_gap([0.0] * len(per_seed), per_seed)
     zero = None
-    if slope != 0 and (y[-1] > 0) == (slope < 0):  # moving toward zero
+    if y[-1] > 0 and slope < 0:  # above zero and heading down to it
         zero = float(10 ** (-intercept / slope))
-    return {"slope_per_decade": float(slope), "zero_at_tokens": zero}
+    return {"slope_per_decade": float(slope), "slope_ci95": [spread.low, spread.high], "zero_at_tokens": zero}
 
 
 def speedup(target: float, base: Curve, other: Curve) -> dict:

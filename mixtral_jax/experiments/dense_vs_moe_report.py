@@ -16,6 +16,7 @@ import numpy as np
 
 from mixtral_jax.experiments import report
 from mixtral_jax.experiments.dense_vs_moe_arms import ArmRun
+from mixtral_jax.experiments.downstream_scores import METRICS
 from mixtral_jax.experiments.dense_vs_moe_curves import curve, gap_over_training, speedup, trend
 from mixtral_jax.experiments.dense_vs_moe_plots import curve_plot, gap_plot, heatmaps
 from mixtral_jax.experiments.paired_stats import PairedGap, mean_std, paired_gap
@@ -69,12 +70,59 @@ def _router_rows(arms: dict[str, list[ArmRun]]) -> tuple[list[list], dict]:
     return rows, data
 
 
+def _trend_line(tr: dict) -> str:
+    if tr["slope_per_decade"] is None:
+        return "Trend over the second half: too few eval points."
+    low, high = tr["slope_ci95"]
+    text = (f"Trend over the second half (least squares against log10 tokens): {tr['slope_per_decade']:+.4f} "
+            "nats per decade of tokens" + ("" if low is None else f" (95% CI over seeds [{low:+.4f}, {high:+.4f}])"))
+    if tr["zero_at_tokens"] is not None:
+        text += f"; the fitted line crosses zero near {tr['zero_at_tokens']:,.3g} tokens"
+    return text + "."
+
+
 def _fmt_big(x: float | None, spec: str = ".3g") -> str:
     return "not reached" if x is None else format(x, spec)
 
 
+def _downstream(arms: dict[str, list[ArmRun]], scores: dict[str, dict], primary: dict[str, str]
+                ) -> tuple[str, dict, PairedGap | None]:
+    """The shipped task's section, each arm's figures for results.json, and the paired accuracy gap
+    (b) - (a) (None when the primary runs were not scored)."""
+    def of(r: ArmRun) -> dict | None:
+        return scores.get(r.result.run_dir.name)
+
+    rows, data = [], {}
+    for name, rs in arms.items():
+        got = [(r, of(r)) for r in rs if of(r) is not None]
+        if not got:
+            continue
+        first = got[0][1]
+        data[name] = {"task": first["task"], "items": first["items"], "seeds": [r.seed for r, _ in got],
+                      **{m: [x[m] for _, x in got] for m in METRICS},
+                      **{f"{m}_stderr": [x[f"{m}_stderr"] for _, x in got] for m in METRICS}}
+        stderr = [x["acc_stderr"] for _, x in got if x["acc_stderr"] is not None]
+        rows.append([rs[0].arm.label, len(got), *(_ms(data[name][m], ".3f") for m in METRICS),
+                     f"{statistics.fmean(stderr):.3f}" if stderr else "n/a",
+                     f"{statistics.fmean(curve(r).loss[-1] for r, _ in got):.4f}"])
+    if not data:
+        return "", {}, None
+    pairs = [(of(d), of(m)) for d in arms[primary["dense"]] for m in arms[primary["moe"]]
+             if d.seed == m.seed and of(d) is not None and of(m) is not None]
+    gap = paired_gap([a["acc"] for a, _ in pairs], [b["acc"] for _, b in pairs]) if pairs else None
+    task, items = next(iter(data.values()))["task"], next(iter(data.values()))["items"]
+    text = (f"## Downstream: `{task}` ({items} items, pick the true next line of a held-out Python file among "
+            "4; chance 0.25)\n\n" + report.table(
+                ["arm", "runs", "acc", "acc_norm", "binomial stderr of one run", "held-out loss (same runs)"], rows)
+            + ("" if gap is None else f"\n\nPaired accuracy gap (b) - (a): {_ci(gap)} (n = {gap.n})."
+               " Each run's own binomial stderr is the spread from the finite item set alone.")
+            + "\n\nScored on each run's final weights (`mixtral_jax/experiments/downstream_scores.py`; "
+              "`mixtral-jax eval --run DIR --tasks python_next_line` gives the same figures).")
+    return text, data, gap
+
+
 def write(out: Path, runs: Sequence[ArmRun], primary: dict[str, str], smoke: bool = False,
-          note: str | None = None) -> Path:
+          note: str | None = None, downstream: dict[str, dict] | None = None) -> Path:
     from mixtral_jax.experiments.dense_vs_moe_verdict import verdict
 
     arms = _by_arm(runs)
@@ -119,7 +167,10 @@ def write(out: Path, runs: Sequence[ArmRun], primary: dict[str, str], smoke: boo
     heat = heatmaps(arms, out)
     if heat:
         plots.append(heat)
-    text = verdict(final_gap, over, tr, speed.get(primary["moe"], []), arm_data, primary)
+    down_text, down_data, down_gap = _downstream(arms, downstream or {}, primary)
+    for name, figures in down_data.items():
+        arm_data[name]["downstream"] = figures
+    text = verdict(final_gap, over, tr, speed.get(primary["moe"], []), arm_data, primary, down_gap)
 
     speed_rows = [[arms[n][0].arm.label, x["seed"], f"{x['target']:.4f}", _fmt_big(x["tokens"], ",.0f"),
                    _fmt_big(x["tokens_speedup"], ".2f"), _fmt_big(x["flops"]), _fmt_big(x["flops_speedup"], ".2f"),
@@ -147,14 +198,11 @@ def write(out: Path, runs: Sequence[ArmRun], primary: dict[str, str], smoke: boo
                                                              for s, a, b in pairs])
         + f"\n\nMean and 95% CI: {_ci(final_gap)} nats (n = {final_gap.n}).",
         "## Gap over training\n\n" + report.table(["step", "tokens", "mean (b) - (a)", "95% CI"], gap_rows)
-        + f"\n\nTrend over the second half (least squares against log10 tokens): "
-          + ("too few eval points." if tr["slope_per_decade"] is None else
-             f"{tr['slope_per_decade']:+.4f} nats per decade of tokens; zero crossing predicted at "
-             + ("no point (not heading to zero)" if tr["zero_at_tokens"] is None else
-                f"{tr['zero_at_tokens']:,.3g} tokens") + "."),
+        + "\n\n" + _trend_line(tr),
         "## Speed-up to target (the paired dense run's final loss)\n\n" + report.table(
             ["arm", "seed", "target loss", "tokens needed", "x fewer tokens", "FLOPs needed", "x fewer FLOPs",
              "seconds needed", "x fewer seconds"], speed_rows),
+        *([down_text] if down_text else []),
         "## Router health (mean of the last 5 logged records; entropy max = ln E)\n\n" + report.table(
             ["arm", "load max/mean", "load CV", "router entropy", "ln E"], router_rows),
         "## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots),
@@ -169,6 +217,8 @@ def write(out: Path, runs: Sequence[ArmRun], primary: dict[str, str], smoke: boo
         "paired_gap": {"mean": final_gap.mean, "ci95": [final_gap.low, final_gap.high], "n": final_gap.n},
         "gap_over_training": over, "gap_trend": tr,
         "speedup_to_target": speed, "router": router,
+        "downstream_gap": None if down_gap is None else {"metric": "acc", "mean": down_gap.mean,
+                                                          "ci95": [down_gap.low, down_gap.high], "n": down_gap.n},
         "curves": {f"{r.arm.name}_seed{r.seed}": vars(curve(r)) for r in runs},
         "figures": plots, "verdict": text,
     }

@@ -27,21 +27,26 @@ def _trend(over: list[dict], trend: dict) -> str:
     if len(over) < 2:
         return ""
     first, mid, last = over[0], over[(len(over) - 1) // 2], over[-1]
-    # direction, not |gap| (a gap that changes sign is neither "widening" nor "narrowing"), from the
-    # fitted slope over the second half when there is one, else from its two ends
-    slope = trend.get("slope_per_decade")
-    falling = slope < 0 if slope is not None else last["mean"] < mid["mean"]
-    moves = "falls (in the MoE's favour)" if falling else "rises (against the MoE)"
     text = (f"Over training the gap goes {first['mean']:+.4f} (step {first['step']}) -> {mid['mean']:+.4f} "
-            f"(step {mid['step']}) -> {last['mean']:+.4f} (step {last['step']}): it {moves} over the second half")
+            f"(step {mid['step']}) -> {last['mean']:+.4f} (step {last['step']})")
+    slope, (low, high) = trend.get("slope_per_decade"), trend.get("slope_ci95", [None, None])
+    if slope is None:
+        return text + "."
+    # a direction is claimed only when the per-seed slopes' interval excludes zero: a line through
+    # a few noisy points can tilt either way by chance
+    interval = "" if low is None else f", 95% CI [{low:+.4f}, {high:+.4f}] over seeds"
+    if low is not None and (low > 0 or high < 0):
+        moves = "narrows in the MoE's favour" if high < 0 else "moves against the MoE"
+        text += f"; over the second half it {moves} ({slope:+.4f} nats per decade of tokens{interval})"
+    else:
+        text += (f"; over the second half its fitted slope is {slope:+.4f} nats per decade of tokens{interval}, "
+                 "not distinguishable from flat")
     zero = trend.get("zero_at_tokens")
-    if slope is not None:
-        text += f" ({slope:+.4f} nats per decade of tokens)"
-    if zero is not None and last["mean"] > 0:
+    if zero is not None:
         text += (f"; extrapolated (log-linear, second half only, a rough guide) the MoE would draw level near "
                  f"{zero:,.3g} tokens, {zero / last['tokens']:.1f}x this budget")
     elif last["mean"] > 0:
-        text += "; the trend does not point to the MoE drawing level at a larger budget"
+        text += "; the fitted line does not point to the MoE drawing level at a larger budget"
     return text + "."
 
 
@@ -72,8 +77,22 @@ def _others(arms: dict, primary: dict[str, str]) -> str:
     return ("Other arms: " + "; ".join(lines) + ".") if lines else ""
 
 
+def _downstream(arms: dict, primary: dict[str, str], gap: PairedGap | None) -> str:
+    dense, moe = arms[primary["dense"]].get("downstream"), arms[primary["moe"]].get("downstream")
+    if not dense or not moe:
+        return ""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    text = (f"On the downstream task {dense['task']} ({dense['items']} items, chance 0.25) (b) scores acc "
+            f"{mean(moe['acc']):.3f} and (a) {mean(dense['acc']):.3f}")
+    if gap is not None and gap.low is not None:
+        text += (f" (seed means): paired gap {gap.mean:+.3f} (95% CI [{gap.low:+.3f}, {gap.high:+.3f}]); "
+                 + ("the interval excludes zero" if gap.excludes_zero else "the interval contains zero"))
+    return text + "."
+
+
 def verdict(gap: PairedGap, over: list[dict], trend: dict, speed: Sequence[dict], arms: dict,
-            primary: dict[str, str]) -> str:
+            primary: dict[str, str], downstream_gap: PairedGap | None = None) -> str:
     moe, dense = arms[primary["moe"]]["label"], arms[primary["dense"]]["label"]
-    parts = [_primary(gap, moe, dense), _trend(over, trend), _speed(speed), _others(arms, primary)]
+    parts = [_primary(gap, moe, dense), _trend(over, trend), _speed(speed), _downstream(arms, primary, downstream_gap),
+             _others(arms, primary)]
     return " ".join(p for p in parts if p)
