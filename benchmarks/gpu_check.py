@@ -6,6 +6,7 @@ shrinks everything so the same code path runs on a CPU in seconds (the test suit
 
     python -m benchmarks.gpu_check            # on one H100/H200: a few minutes
     python -m benchmarks.gpu_check --smoke    # anywhere
+    python -m benchmarks.gpu_check --exchange [--smoke]  # the expert exchange strategies only
 
 The batch is rows of packed documents (benchmarks/attention.py's `packed_rows`), so the document
 mask is exercised as in training.
@@ -96,6 +97,8 @@ class Variant(NamedTuple):
     cfg: Config
     under_mesh: bool = False  # traced under a one-device mesh, as the Trainer runs it
     segment_bounds: tuple[int, ...] | None = None  # Kernels.segment_bounds; None = the default, () = the mask
+    grouped: str = "auto"  # model.grouped_kernel
+    fp8: bool = False  # model.fp8
 
 
 def variants(trunk: dict, seq: int, batch: int) -> dict[str, Variant]:
@@ -114,6 +117,9 @@ def variants(trunk: dict, seq: int, batch: int) -> dict[str, Variant]:
         "moe dropless, batch x2": Variant(build(half, dropless, seq, 2 * batch)),
         "moe capacity 1.25": Variant(build(half, capacity, seq, batch)),
         "moe dropless, mesh": Variant(build(half, dropless, seq, batch), under_mesh=True),
+        "moe dropless, tokamax": Variant(build(half, dropless, seq, batch), grouped="tokamax"),
+        "moe dropless, fp8": Variant(build(half, dropless, seq, batch), fp8=True),
+        "dense, fp8": Variant(build(trunk, dense, seq, batch), fp8=True),
         "moe dropless, remat none": Variant(build({**half, "remat": "none"}, dropless, seq, batch)),
         "dense, plain attention": Variant(build({**trunk, "attention_impl": "plain"}, dense, seq, batch)),
         "dense, remat none": Variant(build({**trunk, "remat": "none"}, dense, seq, batch)),
@@ -121,10 +127,65 @@ def variants(trunk: dict, seq: int, batch: int) -> dict[str, Variant]:
 
 
 def run_variant(variant: Variant, steps: int) -> dict:
-    kernels = Kernels.for_backend()
+    kernels = Kernels.for_backend().with_choices(variant.grouped, variant.fp8)
     if variant.segment_bounds is not None:
         kernels = kernels.replace(segment_bounds=variant.segment_bounds)
     return time_train_step(variant.cfg, steps, variant.under_mesh, kernels)
+
+
+def exchange_check(smoke: bool) -> None:
+    """The expert-parallel exchange strategies (parallel/expert_parallel.py) over every visible
+    device as the expert axis, the gpu_check MoE layer's shapes, forward + backward: each one's
+    time and its gradients against the padded exchange's. On one GPU the exchange moves nothing
+    between devices, so this checks the ragged collective runs and agrees, and times its
+    bookkeeping (sizes all_gather, offsets); the exchange's own cost needs expert > 1. Then the
+    per-layer buffer sizes of each strategy for Mixtral 8x7B over expert=8."""
+    from benchmarks.grouped_matmul import timed
+    from mixtral_jax.models.dispatch import Experts
+    from mixtral_jax.parallel.expert_parallel import EXCHANGES, exchange_rows, expert_parallel_swiglu
+
+    devices = jax.devices()
+    size = len(devices)
+    mesh = Mesh(np.asarray(devices).reshape([size if a == "expert" else 1 for a in MESH_AXES]), MESH_AXES)
+    n, e, k, d, h = (64 * size, 8, 2, 32, 64) if smoke else (16384, 8, 2, 2048, 5632)
+    dtype = jnp.float32 if smoke else jnp.bfloat16
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(n, e)) + np.linspace(0, 1, e), jnp.float32)
+    weights, ids = jax.lax.top_k(jax.nn.softmax(logits), k)
+    keep = jnp.ones(ids.shape, bool)
+    args = (jnp.asarray(rng.normal(size=(n, d)), dtype), weights.astype(dtype),
+            *(jnp.asarray(rng.normal(size=s) / np.sqrt(s[1]), dtype) for s in ((e, d, h), (e, d, h), (e, h, d))))
+    grouped = Kernels.for_backend().grouped.buffer
+    print(f"exchange check: {size} device(s) as the expert axis, {n} tokens top-{k}, {e} experts, {d} -> {h}, "
+          f"{jnp.dtype(dtype).name}", flush=True)
+    reference = None
+    for name in ("padded", "ragged"):
+        if name == "ragged" and jax.default_backend() == "cpu":
+            print("exchange ragged: skipped (XLA:CPU has no ragged_all_to_all; tests emulate it)", flush=True)
+            continue
+
+        def loss(x, w, wg, wu, wd, name=name):
+            y = expert_parallel_swiglu(mesh, x, ids, w, keep, Experts(wg, wu, wd), grouped=grouped,
+                                       exchange=EXCHANGES[name])
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+        try:
+            _, grads = step(*args)
+            seconds = timed(step, args, 2 if smoke else 10)
+        except Exception as exc:  # noqa: BLE001 - reported; the padded row still stands
+            print(f"exchange {name}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
+            continue
+        reference = reference or grads
+        err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))) /
+                        (float(jnp.max(jnp.abs(r.astype(jnp.float32)))) + 1e-30)) for g, r in zip(grads, reference))
+        print(f"exchange {name:<7} {seconds * 1e3:8.2f} ms forward + backward; max grad error / max |grad| "
+              f"against padded {err:.1e}", flush=True)
+    slots, row_gib = 4096 * 2, 4096 * 2 / 2**30  # Mixtral 8x7B: 4096 tokens per device, top-2, dim 4096, bf16
+    for name in ("padded", "ragged"):
+        rows = exchange_rows(name, slots, 8, slots, 8 * slots)
+        print(f"exchange buffers {name}, Mixtral 8x7B over expert=8, 4096 tokens per device, per layer: "
+              + ", ".join(f"{part} {count * row_gib:.2f} GiB" for part, count in rows.items()), flush=True)
 
 
 def main() -> None:
@@ -133,10 +194,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per model")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step")
     parser.add_argument("--only", action="append", default=[], help="run only this variant (repeatable; names as printed)")
-    parser.add_argument("--budget-s", type=float, default=330.0,
-                        help="start no new variant after this many seconds (the whole check must fit 8 minutes)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="start no new variant after this many seconds (the whole check must fit 12 minutes)")
+    parser.add_argument("--exchange", action="store_true", help="only the expert-exchange check (exchange_check.py)")
     parser.add_argument("--json", help="also write the results to this file (rewritten after every variant)")
     args = parser.parse_args()
+    if args.exchange:
+        exchange_check(args.smoke)
+        return
     began = time.perf_counter()
     trunk, seq = (SMOKE, 64) if args.smoke else (TRUNK, 2048)
     steps = args.steps or (2 if args.smoke else 10)

@@ -1,6 +1,10 @@
 """The dropless grouped SwiGLU, forward + backward, per implementation, as a ratio to a dense
 SwiGLU of the same FLOPs (width top_k x hidden) timed in the same run, with each output and
-gradient checked against the `ragged_dot` path. On a GPU it sweeps the Pallas kernel's tiles.
+gradient checked against the `ragged_dot` path. On a GPU it sweeps the Pallas kernel's tiles and
+times tokamax's ragged dot (its default choice and each GPU implementation), which decides
+`model.grouped_kernel: auto` on GPUs (kernels/backend.py), and the FP8 rows (`model.fp8`: inputs
+rounded to e4m3 before the kernel; their error against the unrounded reference is FP8's).
+Rows whose backend is missing (tokamax not installed) are skipped with the reason.
 
     python -m benchmarks.grouped_matmul          # GPU: the gpu_check MoE layer (16k rows, E 8, k 2, 2048 -> 5632)
     python -m benchmarks.grouped_matmul --smoke  # CPU: tiny shapes, the kernels in interpret mode
@@ -16,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax.kernels.grouped import pallas_slot_swiglu, ragged_slot_swiglu
+from mixtral_jax.kernels import fp8
+from mixtral_jax.kernels.grouped import GroupedSwiGLU, pallas_slot_swiglu, ragged_slot_swiglu, tokamax_slot_swiglu
 from mixtral_jax.kernels.grouped_pallas import DEFAULT
 
 SWEEP = [  # (rows per block, kernel config); the first is what the model runs
@@ -39,6 +44,24 @@ def loss_and_grads(slot_fn):
     def loss(x, wg, wu, wd, ids):
         return jnp.sum(slot_fn(x, ids, wg, wu, wd).astype(jnp.float32) ** 2)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def tokamax_rows(smoke: bool) -> dict:
+    """tokamax's ragged dot in our grouped SwiGLU: its own choice, then each GPU implementation
+    (a CPU has only XLA's, which `tokamax` then is)."""
+    try:
+        import tokamax  # noqa: F401
+    except ImportError as err:
+        print(f"tokamax rows skipped: tokamax does not import ({err}); pip install 'mixtral_jax[gpu]'")
+        return {}
+    impls = [None] if smoke else [None, "triton", "mosaic"]
+    return {"tokamax" + (f" {impl}" if impl else ""): (
+        lambda x, ids, wg, wu, wd, impl=impl: tokamax_slot_swiglu(x, ids, wg, wu, wd, implementation=impl), None)
+        for impl in impls}
+
+
+def with_fp8(fn):
+    return fp8.grouped(GroupedSwiGLU("row", tokens=fn, buffer=fn)).tokens
 
 
 def main() -> None:
@@ -76,6 +99,11 @@ def main() -> None:
         def fn(x, ids, wg, wu, wd, block=block, config=config):
             return pallas_slot_swiglu(x, ids, wg, wu, wd, block=block, config=config, interpret=args.smoke)
         rows[f"pallas {block} rows {tuple(config)}"] = (fn, config)
+    rows.update(tokamax_rows(args.smoke))
+    pallas_fn = rows[next(name for name in rows if name.startswith("pallas"))][0]
+    rows["pallas +fp8"] = (with_fp8(pallas_fn), None)
+    if "tokamax" in rows:
+        rows["tokamax +fp8"] = (with_fp8(rows["tokamax"][0]), None)
     for name, (fn, _) in rows.items():
         try:
             step = loss_and_grads(fn)
