@@ -51,10 +51,12 @@ def test_dense_and_expert_matmuls_see_rounded_inputs():
 
     ids = jnp.asarray(rng.integers(0, 4, (16, 2)), jnp.int32)
     ws = [jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32) for s in ((4, 32, 64), (4, 32, 64), (4, 64, 32))]
-    got = kernels.grouped.tokens(x, ids, *ws)
+    x_in, *w_in = kernels.expert_inputs(x, *ws)  # what the MoE block hands its dispatcher
+    got = kernels.grouped.tokens(x_in, ids, *w_in)
     rounded = [fp8.fake_quant(a, (0, 2)) for a in ws]
     np.testing.assert_allclose(got, ragged_slot_swiglu(fp8.fake_quant(x, (0,)), ids, *rounded), rtol=1e-4, atol=1e-5)
     assert np.abs(np.asarray(got) - np.asarray(ragged_slot_swiglu(x, ids, *ws))).max() > 1e-4
+    assert Kernels.for_backend("cpu").expert_inputs(x, *ws)[1] is ws[0]  # off: untouched
 
 
 def _train(use_fp8: bool, steps: int = 30) -> list[float]:

@@ -92,7 +92,8 @@ class Kernels:
     auto` unrolls the layer scan fully up to this many layers, else loops (see `scan_unroll`).
     exchange: the expert-parallel token exchange, "padded" (all_to_all of worst-case buffers)
     or "ragged" (`ragged_all_to_all`); see parallel/expert_parallel.py. backend: the one these
-    were chosen for. fp8: matmul inputs rounded to FP8 (fp8.py; `grouped` is then wrapped too)."""
+    were chosen for. fp8: matmul inputs rounded to FP8 (fp8.py): `matmul`'s, and the expert
+    matmuls' through `expert_inputs`."""
 
     grouped: GroupedSwiGLU
     matmul_custom_gradient: bool
@@ -122,14 +123,10 @@ class Kernels:
 
     def with_choices(self, grouped_kernel_name: str = "auto", use_fp8: bool = False) -> "Kernels":
         """These kernels with a config's `model.grouped_kernel` (auto keeps `grouped` as it is,
-        so a caller's own choice stands) and `model.fp8` applied. Idempotent: the model applies
-        it where it is built and again in each MoE block."""
-        named = grouped_kernel_name != "auto"
-        grouped = grouped_kernel(grouped_kernel_name, self.backend) if named else self.grouped
-        on = self.fp8 or use_fp8
-        if on and (named or not self.fp8):  # a fresh kernel, or FP8 newly on: wrapped once
-            grouped = fp8.grouped(grouped)
-        return self.replace(grouped=grouped, fp8=on)
+        so a caller's own choice stands) and `model.fp8` (on stays on) applied. Idempotent: the
+        model applies it where it is built and again in each MoE block."""
+        grouped = self.grouped if grouped_kernel_name == "auto" else grouped_kernel(grouped_kernel_name, self.backend)
+        return self.replace(grouped=grouped, fp8=self.fp8 or use_fp8)
 
     def replace(self, **changes) -> "Kernels":
         return dataclasses.replace(self, **changes)
@@ -145,3 +142,9 @@ class Kernels:
         if self.fp8:
             x, w = fp8.matmul_inputs(x, w)
         return rows_matmul(x, w, out_dtype, custom_gradient=self.matmul_custom_gradient)
+
+    def expert_inputs(self, x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, ...]:
+        """The token rows [N, D] and stacked expert weights [E, in, out] the expert matmuls take:
+        rounded to FP8 when `fp8` is on, before any dispatch, so on the global arrays (the same
+        scales whatever the mesh splits), else as they are."""
+        return fp8.expert_inputs(x, *weights) if self.fp8 else (x, *weights)

@@ -9,13 +9,17 @@ expert and output channel for the stacked [E, in, out] expert weights).
 Quantize-dequantize ("fake quant") rather than qwix's model interception (`qwix.quantize_model`
 with a `QtProvider`): interception rewrites `dot_general` / `einsum` / `ragged_dot` calls it
 sees, and our expert matmuls are custom kernels (Pallas, the CPU runs with a hand-written
-backward, tokamax) that it cannot see into. Rounding the inputs before they enter any kernel
-gives every backend the same FP8 numerics. The matmul itself then runs in the compute dtype,
-so this changes numerics, not speed: the SwiGLU hidden activation between the expert's up and
-down matmuls is computed inside the grouped kernel and stays in the compute dtype.
+backward, tokamax) that it cannot see into. The expert inputs are rounded in the MoE block
+before dispatch (`Kernels.expert_inputs`), on the global arrays, so every kernel, dispatcher
+and mesh sees the same FP8 values (per-shard scales would differ with the mesh). The matmuls
+then run in the compute dtype, so this changes numerics, not speed (whether XLA fuses the
+rounding into FP8 GEMMs is for `benchmarks/gpu_check.sh` to show), and the SwiGLU hidden
+activation between an expert's up and down matmuls, made inside the grouped kernel, stays in
+the compute dtype.
 
-Gradients are straight-through (d fake_quant(a) / da = 1): the backward matmuls see the
-unrounded residuals and are not quantized, the usual FP8 training recipe for the forward pass.
+Gradients are straight-through (d fake_quant(a) / da = 1): each backward matmul takes the
+rounded operands its forward saved and the unrounded incoming gradient (FP8 forward, the
+gradients in the compute dtype).
 """
 
 from __future__ import annotations
@@ -56,16 +60,21 @@ def matmul_inputs(x: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return fake_quant(x, (0,)), fake_quant(w, (1,))
 
 
+def expert_inputs(x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, ...]:
+    """Token rows [N, D] per row, stacked [E, in, out] expert weights per expert and output channel."""
+    return (fake_quant(x, (0,)), *(fake_quant(w, (0, 2)) for w in weights))
+
+
 def _quantized(fn: SlotSwiGLU) -> SlotSwiGLU:
     def run(x, expert_ids, w_gate, w_up, w_down):
-        # [E, in, out] weights: a scale per expert and output channel
-        return fn(fake_quant(x, (0,)), expert_ids, fake_quant(w_gate, (0, 2)), fake_quant(w_up, (0, 2)),
-                  fake_quant(w_down, (0, 2)))
+        x, w_gate, w_up, w_down = expert_inputs(x, w_gate, w_up, w_down)
+        return fn(x, expert_ids, w_gate, w_up, w_down)
 
     return run
 
 
-@functools.cache  # one wrapper per kernel: models built twice get equal (static) Kernels
+@functools.cache
 def grouped(kernel: GroupedSwiGLU) -> GroupedSwiGLU:
-    """`kernel` with its token rows and expert weights rounded to FP8 first."""
+    """`kernel` with its inputs rounded first (benchmarks time one kernel so; a model rounds in
+    the MoE block, before dispatch: `Kernels.expert_inputs`)."""
     return GroupedSwiGLU(f"{kernel.name}+fp8", tokens=_quantized(kernel.tokens), buffer=_quantized(kernel.buffer))

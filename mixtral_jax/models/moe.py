@@ -69,6 +69,7 @@ class MoEBlock(nnx.Module):
         self.balance_probs = balance_probabilities(moe.router)
         # The router's scores stay out of FP8: top-k selection flips on small errors in them.
         self.matmul = kernels.replace(fp8=False).matmul
+        self.expert_inputs = kernels.expert_inputs  # FP8 rounding of the expert matmuls' inputs, or none
         self.num_experts = moe.num_experts
         self.top_k = moe.top_k
         self.jitter = moe.jitter
@@ -107,8 +108,9 @@ class MoEBlock(nnx.Module):
         routing = self.route(logits, bias)
 
         dt = self.dtype
-        experts = Experts(self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
-        y, dropped = self.dispatch(tokens.astype(dt), routing, experts)
+        expert_in, *weights = self.expert_inputs(tokens.astype(dt), self.w_gate[...].astype(dt),
+                                                 self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        y, dropped = self.dispatch(expert_in, routing, Experts(*weights))
         if self.shared is not None:
             y = y + self._shared(tokens.astype(dt)).astype(y.dtype)
 
