@@ -19,7 +19,8 @@ from mixtral_jax.kernels.grouped import CPU
 from mixtral_jax.kernels.rows import take_rows
 from mixtral_jax.models.dispatch import Experts, capacity, dropless
 from mixtral_jax.models.routing import TokenChoice
-from mixtral_jax.parallel.expert_parallel import RaggedExchange, exchange_rows, ragged_offsets, ragged_plan
+from mixtral_jax.parallel.expert_parallel import RaggedExchange, exchange_bytes, exchange_rows, ragged_offsets, \
+    ragged_plan
 from mixtral_jax.parallel.mesh import BATCH_AXES, traced_under
 from test_expert_parallel import _assert_equal_runs, _problem
 
@@ -104,3 +105,7 @@ def test_the_real_collective_traces_and_lowers_with_smaller_buffers():
     n_slots = ids.size // 8
     padded, ragged = (exchange_rows(s, n_slots, 8, n_slots, 8 * n_slots) for s in ("padded", "ragged"))
     assert ragged["send"] * 8 == padded["send"] and ragged["receive"] == padded["receive"]
+    sized = exchange_bytes(n_slots // 2, 2, 8, 8, 16, 2)  # bytes: rows x dim x itemsize
+    assert sized["ragged"]["send"] == n_slots * 16 * 2 and sized["padded"]["return"] == 8 * n_slots * 16 * 2
+    capped = exchange_bytes(n_slots // 2, 2, 8, 8, 16, 2, capacity=3)  # 1 expert per device x 3 slots
+    assert capped["ragged"]["receive"] == 3 * 32 and capped["padded"]["receive"] == 8 * 3 * 32

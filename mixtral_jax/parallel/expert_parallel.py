@@ -206,6 +206,22 @@ def exchange_rows(strategy: str, n_slots: int, num_devices: int, rows_per_device
     return {"send": n_slots, "receive": receive_rows, "return": n_slots}
 
 
+def exchange_bytes(tokens_per_device: int, top_k: int, num_experts: int, expert_devices: int, dim: int,
+                   itemsize: int, capacity: int | None = None) -> dict[str, dict[str, int]]:
+    """Per strategy, the bytes of one MoE layer's exchange buffers on one device (`exchange_rows`
+    times dim x itemsize), sized as `expert_parallel_swiglu` sizes them; capacity: the capacity
+    dispatcher's slots per expert (None = dropless). For the `compile` verb's report: a CPU
+    compile has only the padded exchange to measure."""
+    slots = tokens_per_device * top_k
+    per_device = num_experts // expert_devices
+    rows, receive = slots, expert_devices * slots
+    if capacity is not None:
+        rows, receive = min(rows, per_device * capacity), min(receive, per_device * capacity)
+    return {name: {part: count * dim * itemsize
+                   for part, count in exchange_rows(name, slots, expert_devices, rows, receive).items()}
+            for name in EXCHANGES}
+
+
 def _local_experts(x, expert_ids, weights, keep, w_gate, w_up, w_down, *, grouped: SlotSwiGLU, exchange: Exchange,
                    rows_per_device: int, receive_rows: int, split_hidden: bool, split_embed: bool):
     """The shard_map body: one device's tokens out to the expert owners and back."""
