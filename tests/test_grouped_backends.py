@@ -118,3 +118,15 @@ def test_auto_is_chosen_per_backend_and_config_choices_apply_once():
     assert block.dispatch.keywords["grouped"] is RAGGED
     assert MoEBlock(load_config("configs/quickstart.yaml", ["model.moe.num_experts=4"]).model,
                     rngs=nnx.Rngs(0)).dispatch.keywords["grouped"] is CPU
+
+
+def test_tokamax_under_expert_parallel_equals_single_device():
+    """Inside the expert-parallel shard_map (fsdp x tensor x expert), on its receive buffer."""
+    pytest.importorskip("tokamax", reason="tokamax is in the gpu extra")
+    import functools
+
+    from mixtral_jax.models.dispatch import dropless
+    from test_expert_parallel import _assert_equal_runs
+
+    _assert_equal_runs(functools.partial(dropless, grouped=grouped_kernel("tokamax")),
+                       dict(fsdp=2, tensor=2, expert=2), seed=1, skew=True)
