@@ -52,6 +52,16 @@ def _train_upcycled(arm: Arm, seed: int, parent: RunResult, extra: list[str], ou
     return train_run(config, overrides, out, f"{arm.name}_seed{seed}"), start
 
 
+def train_arm_run(arm: Arm, seed: int, extra: Sequence[str], out: Path, full_scale: bool = False) -> RunResult:
+    """Train (or reuse) one seed of a trained-from-scratch arm as `out/<arm>_seed<seed>` (the
+    ladder's middle size reuses the primary arms' runs through this too)."""
+    config = experiment_config(NAME, arm.full_scale if full_scale else arm.config, full_scale)
+    steps = load_config(config, extra).train.steps
+    # a checkpoint exactly where an upcycled arm starts (the run's cadence may not hit it)
+    ckpt = [f"train.checkpoint_every={max(1, round(steps * UPCYCLE_AT))}", "train.keep_checkpoints=3"]
+    return train_run(config, [*extra, *ckpt, f"run.seed={seed}"], out, f"{arm.name}_seed{seed}")
+
+
 def train_arms(out: Path, smoke: bool, overrides: Sequence[str], full_scale: bool,
                arms: Sequence[Arm] = ARMS) -> list[ArmRun]:
     """Every run, primary pairs first (seed by seed), then the single-seed arms, so a study cut
@@ -72,12 +82,7 @@ def train_arms(out: Path, smoke: bool, overrides: Sequence[str], full_scale: boo
             result, start = _train_upcycled(arm, seed, parent, extra, out, full_scale)
             runs.append(ArmRun(arm, seed, result, parent, start))
         else:
-            config = experiment_config(NAME, arm.full_scale if full_scale else arm.config, full_scale)
-            steps = load_config(config, extra).train.steps
-            # a checkpoint exactly where an upcycled arm starts (the run's cadence may not hit it)
-            ckpt = [f"train.checkpoint_every={max(1, round(steps * UPCYCLE_AT))}", "train.keep_checkpoints=3"]
-            result = train_run(config, [*extra, *ckpt, f"run.seed={seed}"], out, f"{arm.name}_seed{seed}")
-            runs.append(ArmRun(arm, seed, result))
+            runs.append(ArmRun(arm, seed, train_arm_run(arm, seed, extra, out, full_scale)))
         done[(arm.name, seed)] = runs[-1].result
     return runs
 

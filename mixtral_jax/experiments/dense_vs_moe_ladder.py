@@ -9,29 +9,39 @@ Configs: experiments/dense_vs_moe/ladder/ (CPU, about 100 min) and ladder_h100/ 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Sequence
 
 from mixtral_jax.experiments import report
-from mixtral_jax.experiments.dense_vs_moe_arms import Arm, ArmRun
+from mixtral_jax.experiments.dense_vs_moe_arms import ARMS, PRIMARY, Arm, ArmRun
 from mixtral_jax.experiments.dense_vs_moe_curves import curve
 from mixtral_jax.experiments.paired_stats import compute_multiplier, paired_gap
 from mixtral_jax.experiments.runner import SMOKE, experiment_config, train_run
 
 SIZES = ("s", "m", "l")
+STUDY_SIZE = "m"  # the CPU ladder's middle size is the study's (a) and (b): their runs are reused
 SEEDS = (0, 1)
 
 
 def _train(out: Path, folder: str, smoke: bool, overrides: Sequence[str]) -> dict[str, dict[str, list[ArmRun]]]:
+    from mixtral_jax.experiments.dense_vs_moe import train_arm_run
+
     extra = [*(SMOKE if smoke else []), *overrides]
     runs: dict[str, dict[str, list[ArmRun]]] = {s: {"dense": [], "moe": []} for s in SIZES}
     for seed in SEEDS[:1] if smoke else SEEDS:  # seed by seed: a ladder cut short has one whole seed
         for size in SIZES:
             for kind in ("dense", "moe"):
-                arm = Arm(f"{size}_{kind}", f"{size} {kind}", f"{folder}/{size}_{kind}.yaml", SEEDS)
-                result = train_run(experiment_config("dense_vs_moe", arm.config), [*extra, f"run.seed={seed}"], out,
-                                   f"{arm.name}_seed{seed}")
+                if folder == "ladder" and size == STUDY_SIZE:
+                    # the study's primary arms are this size's runs: trained once, in the study's folder
+                    study_arm = next(a for a in ARMS if a.name == PRIMARY[kind])
+                    arm = Arm(f"{size}_{kind}", f"{size} {kind}", study_arm.config, SEEDS)
+                    result = train_arm_run(study_arm, seed, extra, out.parent)
+                else:
+                    arm = Arm(f"{size}_{kind}", f"{size} {kind}", f"{folder}/{size}_{kind}.yaml", SEEDS)
+                    result = train_run(experiment_config("dense_vs_moe", arm.config), [*extra, f"run.seed={seed}"],
+                                       out, f"{arm.name}_seed{seed}")
                 runs[size][kind].append(ArmRun(arm, seed, result))
     return runs
 
@@ -40,10 +50,12 @@ def _size_row(size: str, dense: list[ArmRun], moe: list[ArmRun]) -> dict:
     d0 = dense[0].result.summary
     m0 = moe[0].result.summary
     tokens = curve(moe[0]).tokens[-1]
-    multipliers = []
+    multipliers, above = [], []
     for d, m in zip(dense, moe):
         cd, cm = curve(d), curve(m)
         multipliers.append(compute_multiplier(cd.flops, cd.loss, cm.flops[-1], cm.loss[-1]))
+        # the MoE ends below every dense point: the multiplier exceeds what the dense run spent
+        above.append(cd.flops[-1] / cm.flops[-1] if multipliers[-1] is None else None)
     gap = paired_gap([d.result.summary["eval_loss"] for d in dense], [m.result.summary["eval_loss"] for m in moe])
     known = [x for x in multipliers if x is not None]
     return {"size": size, "dim": dense[0].result.cfg.model.dim, "dense_params": d0["params_active"],
@@ -52,6 +64,7 @@ def _size_row(size: str, dense: list[ArmRun], moe: list[ArmRun]) -> dict:
             "dense_loss": statistics.fmean(d.result.summary["eval_loss"] for d in dense),
             "moe_loss": statistics.fmean(m.result.summary["eval_loss"] for m in moe),
             "gap_mean": gap.mean, "gap_ci95": [gap.low, gap.high], "multipliers": multipliers,
+            "multiplier_above": above,
             "multiplier_mean": statistics.fmean(known) if known else None}
 
 
@@ -59,16 +72,23 @@ def _plot(rows: list[dict], out: Path) -> str:
     fig, axes = report.figure(ncols=2, size=(5.0, 4.0))
     for ax, key, label in ((axes[0][0], "moe_params_active", "active parameters"),
                            (axes[0][1], "tokens_per_active_param", "training tokens per active parameter")):
+        labelled = False
         for row in rows:
             # a multiplier the dense curve cannot measure (the MoE below every dense point) is left out
             ys = [m for m in row["multipliers"] if m is not None]
             ax.scatter([row[key]] * len(ys), ys, color="tab:red", alpha=0.5)
+            bounds = [b for b in row["multiplier_above"] if b is not None]
+            ax.scatter([row[key]] * len(bounds), bounds, color="tab:red", marker="^", alpha=0.5,
+                       label=None if labelled or not bounds else "lower bound (MoE below every dense point)")
+            labelled = labelled or bool(bounds)
             if row["multiplier_mean"] is not None:
                 ax.annotate(row["size"], (row[key], row["multiplier_mean"]), fontsize=9)
         means = [(r[key], r["multiplier_mean"]) for r in rows if r["multiplier_mean"] is not None]
         if means:
             ax.plot(*zip(*means), color="tab:red", marker="o", label="mean over seeds")
         ax.axhline(1.0, color="black", linewidth=0.8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel(label + " (log)")
         ax.set_ylabel("compute multiplier (dense FLOPs / MoE FLOPs at the MoE's final loss)")
@@ -94,7 +114,8 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), h100: boo
           f"{r['tokens']:,.0f}", f"{r['tokens_per_active_param']:.2f}", f"{r['dense_loss']:.4f}",
           f"{r['moe_loss']:.4f}", f"{r['gap_mean']:+.4f} " + ("[n/a]" if r["gap_ci95"][0] is None else
                                                              f"[{r['gap_ci95'][0]:+.4f}, {r['gap_ci95'][1]:+.4f}]"),
-          ", ".join(fmt(m, ".2f") for m in r["multipliers"]), fmt(r["multiplier_mean"], ".2f")] for r in rows])
+          ", ".join(fmt(m, ".2f") if b is None else f"> {b:.2f}" for m, b in zip(r["multipliers"], r["multiplier_above"])),
+          fmt(r["multiplier_mean"], ".2f")] for r in rows])
     trend = [r["multiplier_mean"] for r in rows]
     grows = None if None in trend else all(b > a for a, b in zip(trend, trend[1:]))
     sections = [
@@ -102,15 +123,16 @@ def run(out: Path, smoke: bool = False, overrides: Sequence[str] = (), h100: boo
         f"Per size: dense against 16 experts top-2 of equal active FFN, seeds "
         f"{', '.join(str(r.seed) for r in runs[SIZES[0]]['dense'])}. "
         "Compute multiplier = dense training FLOPs needed (interpolated on the dense held-out curve) to reach "
-        "the MoE's final held-out loss, over the MoE's training FLOPs; 'not measurable' when the MoE ends below "
-        "every dense eval point (the multiplier then exceeds the dense run's own budget ratio).",
+        "the MoE's final held-out loss, over the MoE's training FLOPs; '> x' when the MoE ends below every dense "
+        "eval point (the multiplier then exceeds x, the dense run's own FLOPs over the MoE's; such seeds are left "
+        "out of the mean).",
         table,
         "Multiplier against size: " + ("not measurable at every size." if grows is None else
                                        ("grows with every step up the ladder." if grows else
                                         "does not grow monotonically with size.")),
         f"![{plot}]({plot})",
     ]
-    results = {"runs": [{"arm": r.arm.name, "seed": r.seed, "dir": r.result.run_dir.name}
+    results = {"runs": [{"arm": r.arm.name, "seed": r.seed, "dir": os.path.relpath(r.result.run_dir, out)}
                         for s in SIZES for k in ("dense", "moe") for r in runs[s][k]],
                "primary": {"dense": f"{SIZES[-1]}_dense", "moe": f"{SIZES[-1]}_moe"},
                "sizes": rows, "figures": [plot]}
