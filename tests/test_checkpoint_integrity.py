@@ -312,3 +312,78 @@ def test_a_checkpoint_sharded_over_8_devices_verifies_onto_any_layout(tmp_path):
 
 def _files_of(item_dir: Path) -> Path:
     return max((item_dir / "ocdbt.process_0/d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+def _tree_files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_init_from_a_damaged_checkpoint_is_one_complete_line_and_nothing_is_trained(trained, saved, tmp_path):
+    source = shutil.copytree(trained, tmp_path / "source")
+    ckpts = source / "checkpoints"
+    (ckpts / "3/weights").rename(ckpts / "swap"), (ckpts / "4/weights").rename(ckpts / "3/weights")
+    (ckpts / "swap").rename(ckpts / "4/weights")  # every weight of step 4 is now another step's
+    before = _tree_files(source)
+    cfg = _cfg(tmp_path, "finetune", f"train.init_from={source}")
+    with pytest.raises(RunError) as err:
+        Trainer(cfg).fit()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("train.init_from: checkpoint step 4 is damaged (weights/"), message
+    changed = [name for name, a, b in zip(_weight_names(saved[1][4][0]), *(jax.tree.leaves(
+        {k: saved[1][s][0][k] for k in ("params", "model_state")}) for s in (3, 4))) if not np.array_equal(a, b)]
+    assert len(changed) > 10 and len(message) > 400  # longer than the old cut at 200 characters
+    listed = message.split("digest mismatch: ")[1].split(")")[0].split(", ")
+    assert listed == changed, (listed, changed)  # every bad array, in full
+    assert f"`mixtral-jax verify --run {source}` checks every step" in message
+    assert isinstance(err.value.__cause__, RunError)  # the damaged step's own error stays chained
+    assert _tree_files(source) == before  # nothing moved aside in another run
+    assert complete_steps(cfg.run_dir / "checkpoints") == [] and not (cfg.run_dir / "summary.json").exists()
+    assert not _losses(cfg.run_dir)  # nothing trained
+
+
+def _weight_names(state: dict) -> list[str]:
+    from mixtral_jax.training.digests import _leaves
+
+    return [name for name, _ in _leaves({k: state[k] for k in ("params", "model_state")})]
+
+
+def _zero_first_chunk(run_dir: Path) -> Path:
+    """Zero the start of the newest step's biggest weights chunk file: the first chunk's zstd frame
+    header is gone, so orbax itself refuses to decode it (the digests never get to look)."""
+    chunk = _files_of(run_dir / f"checkpoints/{max(complete_steps(run_dir / 'checkpoints'))}/weights")
+    data = bytearray(chunk.read_bytes())
+    data[:256] = bytes(256)
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
+def test_damage_orbax_rejects_is_one_line_naming_step_array_and_file_in_eval_generate_and_export(trained, tmp_path,
+                                                                                                  capsys):
+    trained_copy = shutil.copytree(trained, tmp_path / "undecodable")
+    # export-hf takes models HF can express (no router bias): a weights-only run of such a model
+    plain = _cfg(tmp_path, "plain", "model.moe.bias_update_rate=0")
+    state = build_program(plain, mesh_of({"data": 1})).init_state()
+    write_weights_run(plain.run_dir, plain, state["params"], state["model_state"], {"imported_from": "test"}, None)
+    chunks = {run: _zero_first_chunk(run) for run in (trained_copy, plain.run_dir)}
+    with pytest.raises(RunError) as err:
+        load_run_model(trained_copy)
+    assert err.value.__cause__ is not None and not isinstance(err.value.__cause__, RunError)  # orbax's, for --debug
+    assert "ZSTD" in str(err.value.__cause__.__cause__ or err.value.__cause__)
+    out_dir = tmp_path / "hf"
+    before = {run: _tree_files(run) for run in chunks}
+    capsys.readouterr()
+    for verb, run, extra in (("eval", trained_copy, []), ("generate", trained_copy, ["--prompt", "def"]),
+                             ("export-hf", plain.run_dir, ["--out", str(out_dir)])):
+        step = max(complete_steps(run / "checkpoints"))
+        assert cli.main([verb, "--run", str(run), *extra]) == 2
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in captured.err + captured.out, captured.err
+        assert lines[0].startswith(f"mixtral-jax {verb}: error: checkpoint step {step} is damaged "
+                                   f"(weights/ocdbt.process_0/d/{chunks[run].name}: reading params."), lines[0]
+        assert "ZSTD" in lines[0] and f"`mixtral-jax verify --run {run}` checks every step" in lines[0], lines[0]
+    assert not out_dir.exists() or not any(out_dir.iterdir())  # export wrote nothing
+    assert {run: _tree_files(run) for run in chunks} == before  # nothing moved or changed
+    assert cli.main(["verify", "--run", str(trained_copy), "--step", "4"]) == 1
+    assert f"step 4: damaged: weights/ocdbt.process_0/d/{chunks[trained_copy].name} (reading params." in \
+        capsys.readouterr().out

@@ -14,9 +14,15 @@ the step, the arrays and the files, so no damaged value ever reaches training, e
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
+import logging
+import re
 import sys
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,7 +44,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=(WEIGHTS, TRAINER, "data", "meta", digests.ITEM))
-        self.verify = verify
+        self.verify, self.async_save = verify, async_save
         self.notes: list[str] = []  # one line per restored step that has no digests to check
         self._pending: int | None = None  # the step whose background write may still be running
 
@@ -50,22 +56,30 @@ class Checkpointer:
         Raises RunError if this save or the previous (background) one failed."""
         self._finish(self._pending)  # orbax waits for the previous save anyway; this names its step
         weights, trainer = split_state(state)
+        # Digests are hashed once this save has stopped blocking; a synchronous save commits
+        # inside manager.save, so nothing may wait for it to return.
+        release = threading.Event() if self.async_save else None
         args = ocp.args.Composite(**{
             WEIGHTS: ocp.args.StandardSave(weights),
             TRAINER: ocp.args.StandardSave(trainer),
             "data": ocp.args.JsonSave(data_state),
             "meta": ocp.args.JsonSave(meta),
-            **self.digest_args({WEIGHTS: weights, TRAINER: trainer}, {"data": data_state, "meta": meta}),
+            **self.digest_args({WEIGHTS: weights, TRAINER: trainer}, {"data": data_state, "meta": meta}, release),
         })
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as err:
             raise self._save_error(step, err) from err
+        finally:
+            if release is not None:
+                release.set()  # also on failure: a commit thread must never wait forever
         self._pending = step
 
-    def digest_args(self, arrays: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
-        """The digests item of a Composite save covering these items (none with verify=False)."""
-        return {digests.ITEM: digests.DigestSave(arrays, objects)} if self.verify else {}
+    def digest_args(self, arrays: dict[str, Any], objects: dict[str, Any],
+                    release: threading.Event | None = None) -> dict[str, Any]:
+        """The digests item of a Composite save covering these items (none with verify=False);
+        `release`: see digests.DigestSave."""
+        return {digests.ITEM: digests.DigestSave(arrays, objects, release)} if self.verify else {}
 
     def _finish(self, step: int | None) -> None:
         try:
@@ -96,10 +110,23 @@ class Checkpointer:
         return {**restored[WEIGHTS], **restored[TRAINER]}, restored["data"], restored["meta"]
 
     def restore_weights(self, step: int, abstract_weights: dict) -> dict:
-        """Only {params, model_state}, e.g. to fine-tune from another run with a fresh optimizer."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(**{WEIGHTS: ocp.args.StandardRestore(_target(abstract_weights))}))
-        self.check(step, {WEIGHTS: restored[WEIGHTS]}, {})
+        """Only {params, model_state}, e.g. to fine-tune from another run with a fresh optimizer.
+        Damage, whether the digests or orbax itself find it, is a DamagedStep (one line); a
+        checkpoint of another shape or structure stays orbax's ValueError, for the caller to
+        report as a config mismatch."""
+        step_dir = self.directory / str(step)
+        try:
+            with quiet_async_failures():
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(**{WEIGHTS: ocp.args.StandardRestore(_target(abstract_weights))}))
+                jax.block_until_ready(restored[WEIGHTS])  # a read error surfaces here, not at first use
+                self.check(step, {WEIGHTS: restored[WEIGHTS]}, {})
+        except (digests.DigestMismatch, digests.DigestFileDamaged) as err:
+            raise DamagedStep(step, err.file, err.reason, self.directory) from err
+        except Exception as err:
+            if _is_mismatch(err):
+                raise
+            raise DamagedStep(step, *describe_read_error(err, step_dir), self.directory) from err
         return restored[WEIGHTS]
 
     def check(self, step: int, arrays: dict[str, Any], objects: dict[str, Any]) -> None:
@@ -156,6 +183,89 @@ class Checkpointer:
                 raise
         finally:
             self.manager.close()
+
+
+class DamagedStep(RunError):
+    """A step that eval, generate, export, upcycle or `train.init_from` cannot use: one line naming
+    the step, the file and the arrays, and where `mixtral-jax verify` gives every step's verdict.
+    The error orbax or the digests raised stays chained."""
+
+    def __init__(self, step: int, file: str, reason: str, directory: Path):
+        self.step, self.file, self.reason = step, file, reason
+        run = directory.parent if directory.name == "checkpoints" else directory
+        super().__init__(f"checkpoint step {step} is damaged ({file}: {reason}); nothing was loaded from it; "
+                         f"`mixtral-jax verify --run {run}` checks every step")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """The error and the ones it was raised from: orbax puts tensorstore's reason in __cause__."""
+    out: list[BaseException] = []
+    while err is not None and err not in out:
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+# tensorstore's "<STATUS>: Error reading "<key>" in OCDBT database at local file "<dir>": <why>"
+_READ_ERROR = re.compile(r'[A-Z_]+: Error reading "([^"]+)" in OCDBT database at [^"]*"[^"]*": ([^\n]*)')
+
+
+def _is_mismatch(err: BaseException) -> bool:
+    """orbax's ValueError for a target of another shape or tree structure (a config mismatch),
+    as opposed to a read or decode failure (damage)."""
+    chain = _chain(err)
+    return (isinstance(err, ValueError) and not isinstance(err, (json.JSONDecodeError, UnicodeDecodeError))
+            and not any(_READ_ERROR.search(str(e)) or "NOT_FOUND" in str(e) for e in chain))
+
+
+def describe_read_error(err: BaseException, step_dir: Path) -> tuple[str, str]:
+    """(file relative to the step dir, short reason) of an error orbax or tensorstore raised
+    reading a step: tensorstore's messages run to kilobytes of spec. The file is the one the
+    message names; where it names only an item, the data file holding the array's chunks."""
+    texts = [str(e) for e in _chain(err)]
+    text = "\n".join(texts)
+    found = re.findall(re.escape(str(step_dir)) + r"/([^\s\"'\\]*)", text)
+    files = [f.rstrip("/:,)") for f in found if f.rstrip("/")]
+    file = max(files, key=len) if files else "."
+    read = _READ_ERROR.search(text)
+    spec = re.search(r"'path': '([^']+?)/?'", text)
+    array = digests.orbax_name(read.group(1).split("/")[0]) if read else (
+        digests.orbax_name(spec.group(1)) if spec else None)
+    if array and file != "." and "/" not in file and (step_dir / file).is_dir():
+        file = digests.locate(step_dir / file, [array])[0].rstrip("/")
+    truncated = re.search(r"Requested byte range \[[^)]*\) is not valid for value of size \d+", text)
+    if truncated:
+        why = f"truncated: {truncated.group(0)}"
+    elif "NOT_FOUND" in text or isinstance(err, FileNotFoundError):
+        why = "a file it refers to is missing"
+    elif read:
+        why = read.group(2).strip()[:160]
+    else:
+        lines = texts[0].strip().splitlines()
+        why = f"{type(err).__name__}: {lines[0][:160] if lines else ''}"
+    return file, f"reading {array}: {why}" if array else why
+
+
+@contextlib.contextmanager
+def quiet_async_failures() -> Iterator[None]:
+    """Reading a damaged checkpoint leaves orbax's failed asyncio tasks and closed event loops
+    behind; collected later they print screens of tracebacks that would bury the one-line
+    warning or error. Collect them here, with those two kinds of report silenced."""
+    asyncio_log = logging.getLogger("asyncio")
+    level, hook = asyncio_log.level, sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+            hook(info)
+
+    asyncio_log.setLevel(logging.CRITICAL)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        gc.collect()
+        asyncio_log.setLevel(level)
+        sys.unraisablehook = hook
 
 
 def complete_steps(directory: Path) -> list[int]:

@@ -7,11 +7,15 @@ rename as the arrays (a step has its digests or is not a step). It holds, per ar
 each saved shard's bytes in C order keyed by the shard's global index (`0:4,0:128`), and a hash
 of each JSON item's canonical text (data-iterator position, cost clock). Every process writes
 `process_<k>.json` for the shards it saved (replica 0 only), so multi-device and multi-process
-saves need no gather.
+saves need no gather; the JSON items' digests come from the primary process, whose copy orbax
+writes.
 
 When: the host views of the shards are taken in the blocking part of the save (zero-copy on CPU;
 on accelerators the same host copy orbax itself makes, cached on the shard), and hashed in
-orbax's background commit thread. xxh3 releases the GIL, so the train loop keeps running.
+orbax's background commit thread only once `save()` has returned (the `release` event): hashing
+while orbax's blocking part still runs would compete with it for the CPU and the GIL and lengthen
+the time the train loop waits. xxh3 releases the GIL, so the train loop keeps running. Orbax
+renames the step only after every commit future, this one included, has finished.
 
 Restore hashes the restored arrays at the saved indices: a saved shard lying inside one restored
 shard is hashed from that shard's host view; otherwise (restored onto a finer layout) the region
@@ -24,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -103,37 +108,47 @@ def _leaves(tree: Any) -> list[tuple[str, Any]]:
     return [(_name(p), _plain(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def snapshot(arrays: dict[str, Any]) -> dict[str, dict[str, tuple[dict, list[tuple[str, np.ndarray]]]]]:
-    """item -> array name -> ({shape, dtype}, [(index key, host view)]): the shards this process
-    saves. Cheap: no hashing, and on CPU no copy (a host view also keeps XLA from donating the
-    buffer while it is hashed, as orbax's own view does while it writes)."""
-    out: dict[str, dict] = {}
+def snapshot(arrays: dict[str, Any]) -> list[tuple[str, Any, tuple[int, ...], Any, list[tuple[Any, np.ndarray]]]]:
+    """(item, tree path, shape, dtype, [(shard index or None for the whole array, host view)]) of
+    every array this process saves (replica 0 only). Runs while the save blocks the train loop,
+    so it only takes references: no hashing, no naming, and on CPU no copy (a host view also
+    keeps XLA from donating the buffer while it is hashed, as orbax's own view does while it
+    writes)."""
+    out = []
     for item, tree in arrays.items():
-        entries = out.setdefault(item, {})
-        for name, leaf in _leaves(tree):
-            if isinstance(leaf, jax.Array):
-                views = [(_index_key(s.index, leaf.shape), np.asarray(s.data))
-                         for s in leaf.addressable_shards if s.replica_id == 0]
-            else:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            leaf = _plain(leaf)
+            if not isinstance(leaf, jax.Array):
                 leaf = np.asarray(leaf)
-                views = [(_index_key(tuple(slice(None) for _ in leaf.shape), leaf.shape), leaf)]
-            entries[name] = ({"shape": list(leaf.shape), "dtype": str(leaf.dtype)}, views)
+                views = [(None, leaf)]
+            elif leaf.is_fully_addressable and leaf.sharding.is_fully_replicated:  # skips building Shards
+                views = [(None, np.asarray(leaf))]
+            else:
+                views = [(s.index, np.asarray(s.data)) for s in leaf.addressable_shards if s.replica_id == 0]
+            out.append((item, path, leaf.shape, leaf.dtype, views))
     return out
 
 
-def compute(snap: dict, objects: dict[str, str]) -> dict:
-    """The record one process writes: hashes of its snapshot (the slow part, run off the step)."""
-    arrays = {item: {name: {**info, "shards": {key: _hash(view) for key, view in views}}
-                     for name, (info, views) in entries.items()} for item, entries in snap.items()}
+def compute(snap: list, objects: dict[str, str]) -> dict:
+    """The record one process writes: names and hashes of its snapshot (the slow part, run off
+    the step)."""
+    arrays: dict[str, dict] = {}
+    for item, path, shape, dtype, views in snap:
+        full = tuple(slice(None) for _ in shape)
+        shards = {_index_key(full if index is None else index, shape): _hash(view) for index, view in views}
+        arrays.setdefault(item, {})[_name(path)] = {"shape": list(shape), "dtype": str(dtype), "shards": shards}
     return {"version": VERSION, "algorithm": ALGORITHM, "arrays": arrays, "objects": objects}
 
 
 @dataclasses.dataclass
 class DigestSave(ocp.args.CheckpointArgs):
-    """The save arguments of the digests item: the pytree items and the JSON items to cover."""
+    """The save arguments of the digests item: the pytree items and the JSON items to cover.
+    `release`: hashing waits for it (set once the blocking part of the save has returned);
+    None hashes at once (synchronous saves, which wait for the commit themselves)."""
 
     arrays: dict[str, Any]
     objects: dict[str, Any]
+    release: threading.Event | None = None
 
 
 @dataclasses.dataclass
@@ -141,23 +156,49 @@ class DigestRestore(ocp.args.CheckpointArgs):
     """Orbax wants a restore type per handler; restores check digests through read_record."""
 
 
+class _CommitWhenAwaited:
+    """A commit future whose work runs in the thread that waits for it: orbax's background commit
+    thread, which waits for its commit futures in order (directory creation first, then the
+    items' writes) and renames the step only after the last. So no thread is started while the
+    save blocks the train loop, the item directory exists when the work runs, and a step whose
+    digests failed to write is never committed (the error fails the save)."""
+
+    def __init__(self, work: Any):
+        self._work, self._lock, self._outcome = work, threading.Lock(), None
+
+    def result(self, timeout: float | None = None) -> None:
+        with self._lock:
+            if self._outcome is None:
+                try:
+                    self._work()
+                    self._outcome = (None,)
+                except BaseException as err:  # kept, so a second wait raises it too
+                    self._outcome = (err,)
+        if self._outcome[0] is not None:
+            raise self._outcome[0]
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = (RunError("checkpoint digests cancelled with their save"),)
+
+
 class DigestHandler(ocp.AsyncCheckpointHandler):
     """Writes `process_<k>.json` in the background commit, before orbax renames the step."""
 
     async def async_save(self, directory: Any, args: DigestSave) -> list[Any]:
         snap = snapshot(args.arrays)
-        objects = {item: object_digest(value) for item, value in args.objects.items()}
+        objects = _object_digests(args.objects)
 
-        async def write() -> None:
-            record = compute(snap, objects)
-            (Path(directory) / f"process_{jax.process_index()}.json").write_text(json.dumps(record))
+        def write() -> None:
+            if args.release is not None:
+                args.release.wait()
+            _write(Path(directory), compute(snap, objects))
 
-        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="digests")]
+        return [_CommitWhenAwaited(write)]
 
     def save(self, directory: Any, args: DigestSave) -> None:
-        snap = snapshot(args.arrays)
-        record = compute(snap, {item: object_digest(value) for item, value in args.objects.items()})
-        (Path(directory) / f"process_{jax.process_index()}.json").write_text(json.dumps(record))
+        _write(Path(directory), compute(snapshot(args.arrays), _object_digests(args.objects)))
 
     def restore(self, directory: Any, args: Any = None) -> dict:
         return read_record(Path(directory).parent, -1) or {}
@@ -170,6 +211,16 @@ class DigestHandler(ocp.AsyncCheckpointHandler):
 
     def close(self) -> None:
         pass
+
+
+def _object_digests(objects: dict[str, Any]) -> dict[str, str]:
+    """Digests of the JSON items, from the primary process only: orbax writes those items from
+    its copy, and another process's copy may differ (its own wall clock in `meta`)."""
+    return {item: object_digest(value) for item, value in objects.items()} if jax.process_index() == 0 else {}
+
+
+def _write(directory: Path, record: dict) -> None:
+    (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(record))
 
 
 ocp.args.register_with_handler(DigestHandler, for_save=True)(DigestSave)
@@ -267,7 +318,7 @@ def bad_arrays(record: dict, arrays: dict[str, Any], objects: dict[str, Any]) ->
     return bad
 
 
-def _orbax_name(key: str) -> str:
+def orbax_name(key: str) -> str:
     """`opt_state.1.0.mu.embed.value` (an OCDBT key's array part) as _name spells it."""
     return ".".join(p for p in key.split(".") if p not in ("value", "raw_value"))
 
@@ -292,7 +343,7 @@ def locate(item_dir: Path, names: list[str]) -> list[str]:
                     continue
                 key = entry.get("key", b"")
                 key = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
-                if key.endswith(".zarray") or _orbax_name(key.split("/")[0]) not in wanted:
+                if key.endswith(".zarray") or orbax_name(key.split("/")[0]) not in wanted:
                     continue
                 ref = entry.get("indirect_value")
                 path = re.sub(r"^value:(.*?):(.*):\d+:\d+$", r"\1\2", ref) if ref else node_file

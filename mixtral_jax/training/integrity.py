@@ -17,8 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from mixtral_jax.training import digests
-from mixtral_jax.training.checkpoint import TRAINER, WEIGHTS, Checkpointer, complete_steps
-from mixtral_jax.training.recovery import _first_line, _named_file, _quiet_async_failures
+from mixtral_jax.training.checkpoint import (TRAINER, WEIGHTS, Checkpointer, complete_steps, describe_read_error,
+                                             quiet_async_failures)
 
 JSON_ITEMS = ("data", "meta")
 
@@ -55,7 +55,7 @@ def verify_run(run_dir: Path, step: int | None = None) -> list[Verdict]:
 def verify_step(checkpointer: Checkpointer, step: int) -> Verdict:
     step_dir = checkpointer.directory / str(step)
     try:
-        with _quiet_async_failures():
+        with quiet_async_failures():
             record = digests.read_record(step_dir, step)
             arrays = {item: _restore_item(checkpointer, step, item) for item in (WEIGHTS, TRAINER)
                       if (step_dir / item).is_dir()}
@@ -65,7 +65,8 @@ def verify_step(checkpointer: Checkpointer, step: int) -> Verdict:
     except (digests.DigestMismatch, digests.DigestFileDamaged) as err:
         return Verdict(step, "damaged", f"{err.file} ({err.reason})", getattr(err, "arrays", []))
     except Exception as err:  # orbax / tensorstore reject the damage themselves
-        return Verdict(step, "damaged", f"{_named_file(err, step_dir)} ({_first_line(err)})")
+        file, reason = describe_read_error(err, step_dir)
+        return Verdict(step, "damaged", f"{file} ({reason})")
     counted = sum(len(jax.tree.leaves(tree)) for tree in arrays.values())
     if record is None:
         checkpointer.notes.clear()

@@ -21,13 +21,8 @@ never continues from a half-loaded one.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
-import logging
-import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,9 @@ import orbax.checkpoint as ocp
 from mixtral_jax.config import ConfigError
 from mixtral_jax.models.params import path_name
 from mixtral_jax.training import digests, nonfinite
-from mixtral_jax.training.checkpoint import TRAINER, WEIGHTS, Checkpointer, complete_steps, split_state
+from mixtral_jax.training.checkpoint import (TRAINER, WEIGHTS, Checkpointer, complete_steps, describe_read_error,
+                                             split_state)
+from mixtral_jax.training.checkpoint import quiet_async_failures as _quiet_async_failures
 from mixtral_jax.training.errors import RunError
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -93,8 +90,8 @@ def stored_shapes(step_dir: Path, item: str, step: int) -> dict[str, tuple[int, 
     try:
         metadata = handler.metadata(step_dir / item)
     except Exception as err:  # orbax / tensorstore raise many types for a damaged file
-        named = _named_file(err, step_dir)
-        raise DamagedCheckpoint(step, named if named != "." else f"{item}/_METADATA", _first_line(err)) from None
+        named, reason = describe_read_error(err, step_dir)
+        raise DamagedCheckpoint(step, named if named != "." else f"{item}/_METADATA", reason) from None
     finally:
         handler.close()
     leaves = jax.tree_util.tree_flatten_with_path(metadata)[0]
@@ -186,53 +183,8 @@ def _restore(checkpointer: Checkpointer, step: int, step_dir: Path, target: dict
     except (digests.DigestMismatch, digests.DigestFileDamaged) as err:
         raise DamagedCheckpoint(step, err.file, err.reason) from None
     except Exception as err:
-        raise DamagedCheckpoint(step, _named_file(err, step_dir), _first_line(err)) from None
+        raise DamagedCheckpoint(step, *describe_read_error(err, step_dir)) from None
     return state, data_state, meta
-
-
-def _named_file(err: BaseException, step_dir: Path) -> str:
-    """The damaged file (relative to the step dir) the error message names, with the array if
-    it says which; else the step dir itself."""
-    text = str(err)
-    found = re.findall(re.escape(str(step_dir)) + r"/([^\s\"'\\]*)", text)
-    files = [f.rstrip("/:,)") for f in found if f.rstrip("/")]
-    name = max(files, key=len) if files else "."
-    array = re.search(r"'path': '([^']+?)/?'", text) or re.search(r'Error reading "([^"/]+)', text)
-    return name + (f", reading {array.group(1).removesuffix('.value')}" if array else "")
-
-
-def _first_line(err: BaseException) -> str:
-    """A short reason: tensorstore's messages run to kilobytes of spec."""
-    text = str(err)
-    truncated = re.search(r"Requested byte range \[[^)]*\) is not valid for value of size \d+", text)
-    if truncated:
-        return f"truncated: {truncated.group(0)}"
-    if "NOT_FOUND" in text or isinstance(err, FileNotFoundError):
-        return "a file it refers to is missing"
-    lines = text.strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:160] if lines else ''}"
-
-
-@contextlib.contextmanager
-def _quiet_async_failures():
-    """Reading a damaged checkpoint leaves orbax's failed asyncio tasks and closed event loops
-    behind; collected later they print screens of tracebacks that would bury the one-line
-    warning or error. Collect them here, with those two kinds of report silenced."""
-    asyncio_log = logging.getLogger("asyncio")
-    level, hook = asyncio_log.level, sys.unraisablehook
-
-    def unraisable(info) -> None:
-        if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
-            hook(info)
-
-    asyncio_log.setLevel(logging.CRITICAL)
-    sys.unraisablehook = unraisable
-    try:
-        yield
-    finally:
-        gc.collect()
-        asyncio_log.setLevel(level)
-        sys.unraisablehook = hook
 
 
 def _quarantine(directory: Path, bad: DamagedCheckpoint, resumed: int, move: bool) -> str:

@@ -36,6 +36,7 @@ from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import batch_divisor, batch_sharding, make_mesh, replicated, traced_under
 from mixtral_jax.parallel.rules import state_shardings
 from mixtral_jax.training.checkpoint import TRAINER, Checkpointer, complete_steps
+from mixtral_jax.training.errors import RunError
 from mixtral_jax.training.hooks import DownstreamHook, EvalHook, LoopClock, LoopContext, loop_hooks, run_hooks
 from mixtral_jax.training.meter import RunMeter
 from mixtral_jax.training.metrics import MetricsLogger, last_train_record, truncate_metrics
@@ -135,10 +136,13 @@ class Trainer:
         lora_cfg = source_cfg.finetune.lora if source_cfg else LoRAConfig()
         try:
             weights = other.restore_merged(step, abstract, lora_cfg, self.cfg.model.is_moe)
+        except RunError as err:  # damaged: its own line names the step, arrays and files in full
+            raise RunError(f"train.init_from: {err}") from err
         except (ValueError, KeyError) as err:
             raise ConfigError(f"config key 'train.init_from': checkpoint {ckpt_dir}/{step} does not match this "
                               f"model config ({str(err).splitlines()[0][:200]})") from None
-        other.close()
+        finally:
+            other.close(raise_errors=False)
         return weights
 
     # ------------------------------------------------------------------ loop
