@@ -45,3 +45,14 @@ def test_compile_verb_provides_its_own_host_devices():
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "mesh fsdp=2 x expert=2" in out.stdout and "fits h100" in out.stdout
+    # the exchange buffers of an expert-parallel MoE: the padded one compiled here, the ragged one a GPU runs
+    lines = {name: next(l for l in out.stdout.splitlines() if f"exchange buffers per MoE layer, {name}" in l)
+             for name in ("padded", "ragged")}
+    units = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}
+    send = {}
+    for name, line in lines.items():
+        value, unit = line.split("send ")[1].split(",")[0].split()
+        send[name] = float(value) * units[unit]
+    # 128 tokens per device x top-2 x 128 dims x 4 bytes: the ragged send holds exactly the slots;
+    # the padded one a worst-case block for each of the 2 peers
+    assert send["ragged"] == 128 * 2 * 128 * 4 and send["padded"] == 2 * send["ragged"]

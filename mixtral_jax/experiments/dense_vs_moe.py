@@ -23,7 +23,7 @@ from mixtral_jax.experiments.downstream_scores import score_runs
 from mixtral_jax.experiments.runner import SMOKE, RunResult, experiment_config, train_run
 
 from mixtral_jax.experiments.dense_vs_moe_arms import (  # noqa: F401  (re-exported for callers)
-    ARMS, NAME, PRIMARY, UPCYCLE_AT, UPCYCLE_DATA_SEED, Arm, ArmRun)
+    ARMS, NAME, PRIMARY, UPCYCLE_AT, UPCYCLE_DATA_SEED, Arm, ArmRun, train_arm_run)
 
 SMOKE_TASK_ITEMS = 8  # --smoke scores this many items of the shipped task per run (the full set: 500)
 
@@ -50,16 +50,6 @@ def _train_upcycled(arm: Arm, seed: int, parent: RunResult, extra: list[str], ou
                  f"train.eval_every={max(1, parent.cfg.train.eval_every * rest // steps)}",
                  f"train.checkpoint_every={rest}", f"run.seed={UPCYCLE_DATA_SEED + seed}"]
     return train_run(config, overrides, out, f"{arm.name}_seed{seed}"), start
-
-
-def train_arm_run(arm: Arm, seed: int, extra: Sequence[str], out: Path, full_scale: bool = False) -> RunResult:
-    """Train (or reuse) one seed of a trained-from-scratch arm as `out/<arm>_seed<seed>` (the
-    ladder's middle size reuses the primary arms' runs through this too)."""
-    config = experiment_config(NAME, arm.full_scale if full_scale else arm.config, full_scale)
-    steps = load_config(config, extra).train.steps
-    # a checkpoint exactly where an upcycled arm starts (the run's cadence may not hit it)
-    ckpt = [f"train.checkpoint_every={max(1, round(steps * UPCYCLE_AT))}", "train.keep_checkpoints=3"]
-    return train_run(config, [*extra, *ckpt, f"run.seed={seed}"], out, f"{arm.name}_seed{seed}")
 
 
 def train_arms(out: Path, smoke: bool, overrides: Sequence[str], full_scale: bool,

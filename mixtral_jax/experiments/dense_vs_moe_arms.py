@@ -1,12 +1,15 @@
-"""The arms of the dense_vs_moe study and one trained run of an arm: the definitions every part
-of the study (training, report, plots, ladder, partial report) reads, kept apart from the
-training code so those parts import this, not each other."""
+"""The arms of the dense_vs_moe study, one trained run of an arm, and how one seed of an arm is
+trained: what every part of the study (training, report, plots, ladder, partial report) reads,
+kept apart so those parts import this, not each other."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
-from mixtral_jax.experiments.runner import RunResult
+from mixtral_jax.config import load_config
+from mixtral_jax.experiments.runner import RunResult, experiment_config, train_run
 
 NAME = "dense_vs_moe"
 UPCYCLE_AT = 0.5  # (d) starts from (a)'s checkpoint at this fraction of the step budget
@@ -42,3 +45,13 @@ class ArmRun:
     result: RunResult
     parent: RunResult | None = None
     start_step: int = 0
+
+
+def train_arm_run(arm: Arm, seed: int, extra: Sequence[str], out: Path, full_scale: bool = False) -> RunResult:
+    """Train (or reuse) one seed of a trained-from-scratch arm as `out/<arm>_seed<seed>` (the
+    ladder's middle size reuses the primary arms' runs through this too)."""
+    config = experiment_config(NAME, arm.full_scale if full_scale else arm.config, full_scale)
+    steps = load_config(config, extra).train.steps
+    # a checkpoint exactly where an upcycled arm starts (the run's cadence may not hit it)
+    ckpt = [f"train.checkpoint_every={max(1, round(steps * UPCYCLE_AT))}", "train.keep_checkpoints=3"]
+    return train_run(config, [*extra, *ckpt, f"run.seed={seed}"], out, f"{arm.name}_seed{seed}")

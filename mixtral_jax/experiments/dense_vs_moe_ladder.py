@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mixtral_jax.experiments import report
-from mixtral_jax.experiments.dense_vs_moe_arms import ARMS, PRIMARY, Arm, ArmRun
+from mixtral_jax.experiments.dense_vs_moe_arms import ARMS, PRIMARY, Arm, ArmRun, train_arm_run
 from mixtral_jax.experiments.dense_vs_moe_curves import curve
 from mixtral_jax.experiments.paired_stats import compute_multiplier, paired_gap
 from mixtral_jax.experiments.runner import SMOKE, experiment_config, train_run
@@ -26,8 +26,6 @@ SEEDS = (0, 1)
 
 
 def _train(out: Path, folder: str, smoke: bool, overrides: Sequence[str]) -> dict[str, dict[str, list[ArmRun]]]:
-    from mixtral_jax.experiments.dense_vs_moe import train_arm_run
-
     extra = [*(SMOKE if smoke else []), *overrides]
     runs: dict[str, dict[str, list[ArmRun]]] = {s: {"dense": [], "moe": []} for s in SIZES}
     for seed in SEEDS[:1] if smoke else SEEDS:  # seed by seed: a ladder cut short has one whole seed

@@ -51,7 +51,7 @@ from mixtral_jax.parallel.rules import state_shardings
 # Model keys that change how the model is computed, not its weights: the only non-MoE model
 # keys an upcycle may change. Everything else (shapes, norms, RoPE, window, dtype of storage)
 # is the trunk being copied, and must stay the dense run's.
-EXECUTION_KEYS = ("dtype", "remat", "scan_unroll", "attention_impl")
+EXECUTION_KEYS = ("dtype", "remat", "scan_unroll", "attention_impl", "grouped_kernel", "fp8")
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 # Overrides that would make the written config describe something other than this checkpoint.
 _FIXED_KEYS = {

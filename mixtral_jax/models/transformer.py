@@ -113,7 +113,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, kernels: Kernels | None = None, rngs: nnx.Rngs):
         """kernels: the backend-specific compute every layer runs; default
         `Kernels.for_backend()`, the measured-fastest for jax's default backend."""
-        kernels = kernels or Kernels.for_backend()
+        kernels = (kernels or Kernels.for_backend()).with_choices(cfg.grouped_kernel, cfg.fp8)
         self.kernels = kernels
         self.remat_policy = REMAT_POLICIES.get(cfg.remat)
         # Keep scalars, not the (unhashable) config dataclass: module statics go in the graphdef.

@@ -64,7 +64,33 @@ def compile_report(cfg: Config, sizes: dict[str, int]) -> dict:
            "generated_code": stats.generated_code_size_in_bytes}
     xla["total"] = sum(xla.values())
     return {"mesh": dict(sizes), "platform": devices[0].platform, "compile_s": seconds, "xla": xla,
-            "planner_total": plan_memory(cfg, sizes).total}
+            "planner_total": plan_memory(cfg, sizes).total, "exchange": _exchange_buffers(cfg, mesh)}
+
+
+def _exchange_buffers(cfg: Config, mesh: Mesh) -> dict[str, dict[str, int]] | None:
+    """Per exchange strategy, one MoE layer's exchange buffers per device (bytes), for an
+    expert-parallel mesh: a CPU compile runs only the padded exchange, so the ragged one (what a
+    GPU or TPU runs) is reported from the same sizing arithmetic."""
+    from mixtral_jax.models.routing import capacity_size
+    from mixtral_jax.parallel.expert_parallel import exchange_bytes
+    from mixtral_jax.parallel.mesh import batch_divisor
+
+    moe = cfg.model.moe
+    if not cfg.model.is_moe or mesh.shape["expert"] == 1:
+        return None
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    capacity = (capacity_size(tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+                if moe.dispatch == "capacity" else None)
+    return exchange_bytes(tokens // batch_divisor(mesh), moe.top_k, moe.num_experts, mesh.shape["expert"],
+                          cfg.model.dim, jnp.dtype(cfg.model.dtype).itemsize, capacity)
+
+
+def _binary(count: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (these buffers span KiB to TiB)."""
+    for unit, scale in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{count} B"
 
 
 def format_compile_report(report: dict, device: str | None) -> str:
@@ -80,6 +106,10 @@ def format_compile_report(report: dict, device: str | None) -> str:
              f"  {'total':<38}{xla['total'] / GIB:>10.2f} GiB",
              f"  planner estimate (mixtral-jax params --mesh): {report['planner_total'] / GIB:.2f} GiB "
              f"({report['planner_total'] / max(xla['total'], 1):.2f}x XLA's)"]
+    for name, parts in (report.get("exchange") or {}).items():
+        sizes = ", ".join(f"{part} {_binary(count)}" for part, count in parts.items())
+        lines.append(f"  expert exchange buffers per MoE layer, {name} "
+                     f"({'compiled here' if name == 'padded' else 'GPU/TPU'}): {sizes}")
     if device:
         cap = usable_bytes(device)
         verdict = "fits" if xla["total"] <= cap else "does NOT fit"
