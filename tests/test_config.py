@@ -66,6 +66,20 @@ def test_unknown_key_in_yaml_file(tmp_path):
         load_config(path)
 
 
+def test_unknown_key_inside_a_mixture_entry_names_its_index(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent("""
+        base: quickstart.yaml
+        data:
+          mixture:
+            - {name: a, source: python_source, weight: 1.0}
+            - {name: b, source: python_source, wieght: 1.0}
+    """))
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.mixture\[1\].wieght'; did you mean "
+                                          r"'data.mixture\[1\].weight'\?"):
+        load_config(path)
+
+
 def test_parse_overrides_nests_and_types():
     assert parse_overrides(["a.b=1", "a.c=true", "d=null"]) == {"a": {"b": 1, "c": True}, "d": None}
     with pytest.raises(ConfigError):

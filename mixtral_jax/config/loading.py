@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 import os
 import re
 from pathlib import Path
@@ -120,6 +121,13 @@ def _check_keys(raw: dict, schema: type, prefix: str = "") -> None:
             raise ConfigError(f"config key '{dotted}': must be true or false, got {value!r}")
         if fields[key].type.startswith("list") and not isinstance(value, list):  # OmegaConf: TypeError
             raise ConfigError(f"config key '{dotted}': must be a list, got {value!r}")
+        item = typing.get_args(typing.get_type_hints(schema).get(key))
+        if item and dataclasses.is_dataclass(item[0]):  # a list of sections (data.mixture): each entry
+            for i, entry in enumerate(value):
+                if not isinstance(entry, dict):
+                    raise ConfigError(f"config key '{dotted}[{i}]' is a section; give it as a mapping, not {entry!r}")
+                _check_keys(entry, item[0], f"{dotted}[{i}].")
+            continue
         if any("${" in text for text in _strings(value)):
             # OmegaConf would resolve it, e.g. ${oc.env:WANDB_API_KEY} would copy a secret into
             # config.yaml and wandb: config files are plain data here.

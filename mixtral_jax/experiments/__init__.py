@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Sequence
 
 EXPERIMENTS = {
-    "dense_vs_moe": "dense vs its 8-expert top-2 version vs an active-matched wide dense (7B vs 8x7B, scaled down)",
+    "dense_vs_moe": "dense vs a fine-grained MoE of equal active compute (3 paired seeds), a dense model of the "
+                    "MoE's total size, and the MoE upcycled from the dense run; --ladder: 3 sizes",
     "router_ablation": "aux / z-loss coefficients, routers, loss-free balancing, capacity vs dropless",
     "routing_analysis": "Mixtral paper section 5 on the embedded corpus: experts by token kind, consecutive tokens",
 }
