@@ -40,16 +40,6 @@ def _final_hidden(model: Transformer, tokens: jax.Array, positions: jax.Array, s
     return hidden
 
 
-def _logits(model: Transformer, hidden: jax.Array) -> jax.Array:
-    """The output projection of normed hidden states [B, H, dim] -> logits [B, H, V] float32,
-    computed as Transformer._head computes it after its norm (one 2-D matmul in the compute
-    dtype; the LM head, or the embedding when tied)."""
-    b, h, d = hidden.shape
-    weight = model.embed[...].T if model.tie_embeddings else model.lm_head[...]
-    rows = hidden.reshape(b * h, d).astype(model.dtype)
-    return model.kernels.matmul(rows, weight.astype(model.dtype), out_dtype=jnp.float32).reshape(b, h, -1)
-
-
 def _score(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array, segments: jax.Array,
            head_pos: jax.Array, q_idx: jax.Array, q_tok: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Rows of packed documents [B, T] (each with its own positions and segment id; 0 = padding)
@@ -57,7 +47,7 @@ def _score(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, position
     the H head positions per row [B, H] that queries read (the continuations' positions)."""
     model = nnx.merge(graphdef, state)
     rows = jnp.arange(tokens.shape[0])[:, None]
-    logits = _logits(model, _final_hidden(model, tokens, positions, segments)[rows, head_pos])  # [B, H, V]
+    logits = model.output_logits(_final_hidden(model, tokens, positions, segments)[rows, head_pos])  # [B, H, V]
     # log p = logit - logsumexp: no [B, H, V] log-softmax is materialised, only what is returned.
     norm = jax.nn.logsumexp(logits, axis=-1)  # [B, H]
     best = jnp.argmax(logits, axis=-1)  # [B, H]

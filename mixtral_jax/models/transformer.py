@@ -263,7 +263,12 @@ class Transformer(nnx.Module):
 
     def _head(self, x: jax.Array) -> jax.Array:
         """Final norm and output projection: residual stream [B, T, dim] -> logits [B, T, V]."""
-        x = self.final_norm(x)
+        return self.output_logits(self.final_norm(x))
+
+    def output_logits(self, x: jax.Array) -> jax.Array:
+        """The output projection alone (the LM head, or the embedding when tied): final-normed
+        hidden states [B, T, dim] -> float32 logits [B, T, V]. Scoring calls it on the few
+        positions it reads."""
         dt = self.dtype
         b, t, d = x.shape
         rows = x.reshape(b * t, d).astype(dt)  # one 2-D matmul (the CPU compiler's fastest form)
