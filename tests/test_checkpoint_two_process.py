@@ -45,7 +45,7 @@ def _launch(tmp_path: Path, tag: str, jobs: list[list[str]]) -> str:
     workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / f"{tag}.json")],
                                 env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(2)]
-    logs, start = [], time.perf_counter()
+    logs = []
     try:
         for w in workers:
             logs.append(w.communicate(timeout=300)[0])
@@ -55,13 +55,12 @@ def _launch(tmp_path: Path, tag: str, jobs: list[list[str]]) -> str:
                 w.kill()
     for i, w in enumerate(workers):
         assert w.returncode == 0, f"{tag} worker {i} failed:\n{logs[i][-3000:]}"
-    print(f"{tag} launch: {time.perf_counter() - start:.1f} s")
     return logs[0]
 
 
 def _damage_middle(path: Path) -> None:
-    """Overwrite 64 bytes in the middle of the values a chunk file holds (its first half: the
-    tail is the per-process tree node the merged manifest supersedes) with 0xFF; size unchanged."""
+    """Invert 64 bytes a quarter into a chunk file: among the values it holds (its tail is the
+    per-process tree node the merged manifest supersedes, which no read visits); size unchanged."""
     data = bytearray(path.read_bytes())
     start = len(data) // 4
     data[start:start + 64] = bytes(b ^ 0xFF for b in data[start:start + 64])  # differs from every byte there

@@ -169,6 +169,13 @@ def restore_latest_good(checkpointer: Checkpointer, target: dict, *,
         notes += checkpointer.notes  # "cannot be verified" for a step saved without digests
         checkpointer.notes.clear()
         if damaged:
+            if jax.process_count() > 1:
+                # Only the primary renames: another process listing the steps before the rename
+                # would still count the damaged step, refuse to save over it and strand the
+                # primary in the save's barrier.
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("mixtral_jax: damaged checkpoint steps moved aside")
             checkpointer.manager.reload()  # forget the steps moved aside
         return step, state, data_state, meta, notes
     listing = "; ".join(str(bad) for bad in damaged)
