@@ -27,8 +27,8 @@ def _trend(over: list[dict], trend: dict) -> str:
     if len(over) < 2:
         return ""
     first, mid, last = over[0], over[(len(over) - 1) // 2], over[-1]
-    text = (f"Over training the gap goes {first['mean']:+.4f} (step {first['step']}) -> {mid['mean']:+.4f} "
-            f"(step {mid['step']}) -> {last['mean']:+.4f} (step {last['step']})")
+    path = [first, mid, last] if len(over) > 2 else [first, last]
+    text = "Over training the gap goes " + " -> ".join(f"{p['mean']:+.4f} (step {p['step']})" for p in path)
     slope, (low, high) = trend.get("slope_per_decade"), trend.get("slope_ci95", [None, None])
     if slope is None:
         return text + "."
@@ -66,13 +66,18 @@ def _speed(speed: Sequence[dict]) -> str:
 
 
 def _others(arms: dict, primary: dict[str, str]) -> str:
+    """Single-seed arms against (a)'s run of the same seed (same data order): the seed-to-seed
+    spread of (a) is larger than these arms' differences, so a seed mean would mislead."""
     dense = arms[primary["dense"]]
     lines = []
     for name, a in arms.items():
         if name in primary.values():
             continue
-        diff = a["final_loss_mean"] - dense["final_loss_mean"]
-        lines.append(f"{a['label']}: {a['final_loss_mean']:.4f} ({diff:+.4f} against (a)'s seed mean; "
+        pairs = [(loss, dense["final_loss"][dense["seeds"].index(seed)])
+                 for seed, loss in zip(a["seeds"], a["final_loss"]) if seed in dense["seeds"]]
+        versus = ("no (a) run of its seed" if not pairs else
+                  f"{sum(x - y for x, y in pairs) / len(pairs):+.4f} against (a)'s run of the same seed")
+        lines.append(f"{a['label']}: {a['final_loss_mean']:.4f} ({versus}; "
                      f"{len(a['seeds'])} seed{'s' if len(a['seeds']) > 1 else ''}, no interval)")
     return ("Other arms: " + "; ".join(lines) + ".") if lines else ""
 
