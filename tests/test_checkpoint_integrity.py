@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from meshes import mesh_of, one_device_trainers_with_compile_cache
 from mixtral_jax import cli
-from mixtral_jax.config import load_config
+from mixtral_jax.config import ConfigError, load_config
 from mixtral_jax.interop.convert import write_weights_run
 from mixtral_jax.training.checkpoint import Checkpointer, complete_steps
 from mixtral_jax.training.errors import RunError
@@ -339,6 +339,12 @@ def test_init_from_a_damaged_checkpoint_is_one_complete_line_and_nothing_is_trai
     assert _tree_files(source) == before  # nothing moved aside in another run
     assert complete_steps(cfg.run_dir / "checkpoints") == [] and not (cfg.run_dir / "summary.json").exists()
     assert not _losses(cfg.run_dir)  # nothing trained
+
+
+def test_init_from_a_checkpoint_of_another_shape_stays_a_config_error(trained, tmp_path):
+    cfg = _cfg(tmp_path, "reshaped", f"train.init_from={trained}", "model.hidden_dim=96")
+    with pytest.raises(ConfigError, match=r"checkpoint .*/4 does not match this model config \(Requested shape"):
+        Trainer(cfg).fit()  # orbax's shape error is a config mismatch, not damage
 
 
 def _weight_names(state: dict) -> list[str]:

@@ -10,6 +10,9 @@ have touched; recovery.py checks checkpoints when a run starts.
 Every save also writes digests of each array and JSON item (digests.py), committed with the
 step; every restore compares the restored content against them and raises DigestMismatch naming
 the step, the arrays and the files, so no damaged value ever reaches training, eval or export.
+restore_weights, the one restore of eval, generate, export, upcycle and `train.init_from`, turns
+that and the damage orbax rejects itself (an undecodable or truncated chunk) into DamagedStep:
+one line, the original error chained.
 """
 
 from __future__ import annotations
