@@ -70,7 +70,10 @@ def _damage_middle(path: Path) -> None:
 def _losses(run_dir: Path) -> dict[int, float]:
     from mixtral_jax.training.metrics import read_metrics
 
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    # one record per logged step: only the primary process writes metrics.jsonl
+    assert len({r["step"] for r in records}) == len(records), [r["step"] for r in records]
+    return {r["step"]: r["loss"] for r in records}
 
 
 def test_two_process_checkpoint_damage_is_found_and_the_run_resumes_exactly(tmp_path, corpus_cache, capsys):

@@ -27,15 +27,18 @@ def to_python(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step; mirrors scalars to wandb and the progress bar."""
+    """Appends one JSON object per logged step; mirrors scalars to wandb and the progress bar.
+    In a multi-process job only the primary process records (primary=False: nothing is written,
+    no wandb run, no bar): every process computes the same global metrics, and the processes
+    share the run dir, so each record would otherwise appear once per process."""
 
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, wandb_mode: str,
-                 wandb_project: str, run_name: str, config: dict, progress: bool):
+                 wandb_project: str, run_name: str, config: dict, progress: bool, primary: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+        self._file = self.path.open("a") if primary else None
         self._wandb = None
-        if wandb_mode != "off":
+        if wandb_mode != "off" and primary:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
@@ -45,10 +48,12 @@ class MetricsLogger:
             self._wandb = wandb.init(project=wandb_project, name=run_name, dir=str(run_dir), mode=wandb_mode,
                                      config=config, resume="allow", id=_wandb_id(run_dir, run_name), settings=quiet)
         self._bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True,
-                         disable=not progress, unit="step")
+                         disable=not (progress and primary), unit="step")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -70,7 +75,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._bar.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
 

@@ -172,7 +172,8 @@ class Trainer:
         meter = RunMeter(cfg, meta.get("clock_seconds", 0.0))
         logger = MetricsLogger(self.run_dir, total_steps=cfg.train.steps, start_step=start,
                                wandb_mode=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                               run_name=cfg.run.name, config=asdict(cfg), progress=cfg.logging.progress)
+                               run_name=cfg.run.name, config=asdict(cfg), progress=cfg.logging.progress,
+                               primary=self.primary)
         for note in self.notes:
             logger.write(note)
         if start:
@@ -216,7 +217,8 @@ class Trainer:
             self.checkpointer.close()  # a failed final background save is an error of this run
         finally:
             logger.close()
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.primary:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def _compile(self, state: dict, local: dict, to_device: NamedSharding) -> tuple[Callable, dict, float]:
@@ -241,12 +243,14 @@ class Trainer:
         # Restore straight into this mesh's shardings (whatever mesh the checkpoint was saved on).
         found = restore_latest_good(self.checkpointer, self.program.sharded_shapes(), move_aside=self.primary)
         if found is None:
-            truncate_metrics(self.run_dir, 0)  # records of an attempt that died before its first checkpoint
+            if self.primary:  # the one process that writes metrics.jsonl
+                truncate_metrics(self.run_dir, 0)  # records of an attempt that died before its first checkpoint
             return self._fresh_state(), data_iter, {}
         step, state, data_state, meta, notes = found
         self.notes += notes
         data_iter.set_state(local_state(data_state))
-        truncate_metrics(self.run_dir, step)
+        if self.primary:
+            truncate_metrics(self.run_dir, step)
         return state, data_iter, meta
 
     def evaluate(self, state: dict, eval_sets: dict[str, list[dict]]) -> dict[str, float]:
