@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from processes import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
@@ -33,28 +34,12 @@ def _overrides(out_dir: Path, name: str, steps: int) -> list[str]:
 
 def _launch(tmp_path: Path, tag: str, jobs: list[list[str]]) -> str:
     """Run the jobs in two worker processes; returns process 0's output (where the run's notes go)."""
-    from tests.test_multiprocess import _free_port
-
     (tmp_path / f"{tag}.json").write_text(json.dumps(jobs))
     # Optimisation level 0 as in conftest; the compile cache lets the rerun skip the compiles.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    port = _free_port()
-    workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / f"{tag}.json")],
-                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
-    logs = []
-    try:
-        for w in workers:
-            logs.append(w.communicate(timeout=300)[0])
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for i, w in enumerate(workers):
-        assert w.returncode == 0, f"{tag} worker {i} failed:\n{logs[i][-3000:]}"
+    logs = run_workers(__file__, [[str(tmp_path / f"{tag}.json")]] * 2, devices_per_process=1, env=env, tag=tag)
     return logs[0]
 
 

@@ -13,10 +13,10 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+from processes import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 4  # global rows: 2 per process
@@ -81,24 +81,8 @@ def test_two_hosts_read_disjoint_halves(tmp_path, corpus_cache):
             "cases": {"cache": [f"data.source=tokens:{tmp_path}/cache"], "jsonl": jsonl, "mixture": mixture}}
     (tmp_path / "args.json").write_text(json.dumps(args))
 
-    from tests.test_multiprocess import _free_port
-
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / f"out{i}.json"),
-                                 str(tmp_path / "args.json")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for w in workers:
-            logs.append(w.communicate(timeout=300)[0])
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for i, w in enumerate(workers):
-        assert w.returncode == 0, f"worker {i} failed:\n{logs[i][-3000:]}"
+    run_workers(__file__, [[str(tmp_path / f"out{i}.json"), str(tmp_path / "args.json")] for i in range(2)],
+                devices_per_process=1)
     hosts = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
     alone = read_rows(args, 0, 1)  # one process reading every row
     for case in ("cache", "jsonl"):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -56,32 +55,11 @@ def train_losses(extra: list[str] = ()) -> dict:
             "local_devices": jax.local_device_count(), "processes": jax.process_count()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path, corpus_cache):
     reference = train_losses()  # this pytest process: 1 process x 8 devices (conftest)
     assert reference["devices"] == 8 and reference["local_rows"] == [8] * STEPS
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(ROOT)}
-    workers = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path / f"out{i}.json"),
-                                 *WORKER_MESH],
-                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
-    logs = []
-    try:
-        for w in workers:
-            logs.append(w.communicate(timeout=400)[0])
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for i, w in enumerate(workers):
-        assert w.returncode == 0, f"worker {i} failed:\n{logs[i][-3000:]}"
+    run_workers(__file__, [[str(tmp_path / f"out{i}.json"), *WORKER_MESH] for i in range(2)],
+                devices_per_process=4, timeout=400)
     for i in range(2):
         result = json.loads((tmp_path / f"out{i}.json").read_text())
         assert result["processes"] == 2 and result["devices"] == 8 and result["local_devices"] == 4
