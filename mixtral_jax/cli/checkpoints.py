@@ -99,7 +99,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
                          "weight, independently per expert (relative; default 0: exact copies)")
     up.add_argument("overrides", nargs="*", metavar="key=value",
                     help="on top of the dense run's config: the MoE shape (model.moe.*), execution keys "
-                         "(model.dtype, remat, scan_unroll, attention_impl) and other sections' keys")
+                         "(model.dtype, remat, scan_unroll, attention_impl, grouped_kernel, fp8) and other sections' keys")
     up.set_defaults(func=cmd_upcycle)
 
     export_hf = verbs.add_parser(
