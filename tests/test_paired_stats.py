@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from mixtral_jax.experiments.paired_stats import (compute_multiplier, first_reach, interpolate, mean_std,
-                                                  paired_gap, t_quantile)
+from mixtral_jax.experiments.paired_stats import (compute_multiplier, extrapolated_multiplier, first_reach,
+                                                  interpolate, mean_std, paired_gap, t_quantile)
 
 
 def test_mean_and_sample_std():
@@ -50,3 +50,13 @@ def test_compute_multiplier():
     # dense reaches loss 3.5 at 3.0 FLOPs; the MoE got there with 1.5 FLOPs: 2x
     assert compute_multiplier([1.0, 2.0, 4.0], [5.0, 4.0, 3.0], 1.5, 3.5) == pytest.approx(2.0)
     assert compute_multiplier([1.0, 2.0, 4.0], [5.0, 4.0, 3.0], 1.5, 2.0) is None
+
+
+def test_extrapolated_multiplier():
+    # dense loss = 5 - log10(FLOPs) exactly (second half: 1e3, 1e4 -> 2, 1); loss 0.5 is reached at
+    # 10^4.5 FLOPs, and the MoE got there with 1e4: 10^0.5 = 3.162x
+    flops, loss = [1e1, 1e2, 1e3, 1e4], [4.0, 3.0, 2.0, 1.0]
+    assert extrapolated_multiplier(flops, loss, 1e4, 0.5) == pytest.approx(10 ** 0.5)
+    # only the second half is fitted: a steeper start does not change it
+    assert extrapolated_multiplier(flops, [9.0, 7.0, 2.0, 1.0], 1e4, 0.5) == pytest.approx(10 ** 0.5)
+    assert extrapolated_multiplier(flops, [4.0, 3.0, 2.0, 2.5], 1e4, 0.5) is None  # the fitted line rises

@@ -87,3 +87,21 @@ def compute_multiplier(dense_flops: Sequence[float], dense_loss: Sequence[float]
     curve never gets that low (the multiplier is then larger than the dense run measures)."""
     reach = first_reach(dense_flops, dense_loss, moe_loss)
     return None if reach is None else reach / moe_flops
+
+
+def extrapolated_multiplier(dense_flops: Sequence[float], dense_loss: Sequence[float], moe_flops: float,
+                            moe_loss: float) -> float | None:
+    """compute_multiplier's estimate where the dense curve never gets as low as the MoE: the
+    dense loss extended past its last point as a straight line in log10(FLOPs), fitted by least
+    squares to the second half of its points (the part of a run's curve closest to a power law).
+    None when that line does not fall. An extrapolation: report it as one, not as a measurement."""
+    half = len(dense_flops) // 2
+    xs = [math.log10(f) for f in dense_flops[half:]]
+    ys = list(dense_loss[half:])
+    if len(xs) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    if slope >= 0:
+        return None
+    return 10 ** (mx + (moe_loss - my) / slope) / moe_flops
