@@ -39,7 +39,7 @@ from mixtral_jax.config import load_config
 from mixtral_jax.models.params import param_counts
 from mixtral_jax.parallel.mesh import make_mesh
 from mixtral_jax.training.checkpoint import Checkpointer
-from mixtral_jax.training.trainer import build_program
+from mixtral_jax.training.program import build_program
 
 MODELS = {
     "quickstart": [],

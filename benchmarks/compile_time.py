@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks.train_step import paired, ratio_line, threads
 from mixtral_jax.config import CONFIG_DIR, Config, MeshConfig, load_config, validate
 from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
-from mixtral_jax.training.trainer import build_program
+from mixtral_jax.training.program import build_program
 
 TARGET = 1.5
 DEPTHS = (4, 32)

@@ -57,7 +57,7 @@ from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
 from mixtral_jax.training.cost import flops_per_token, measure_matmul_peak
-from mixtral_jax.training.trainer import ModelFactory, build_program
+from mixtral_jax.training.program import ModelFactory, build_program
 
 # Big enough that matmuls dominate on a 2-core CPU (every matmul has >= 256 rows and a
 # 512-wide side; 106 model GFLOP per dense step), small enough that a step takes ~1-3 s there.

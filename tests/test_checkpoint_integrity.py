@@ -28,7 +28,8 @@ from mixtral_jax.training.evaluate import load_run_model
 from mixtral_jax.training.metrics import read_metrics
 from mixtral_jax.training.recovery import (DamagedCheckpoint, _quiet_async_failures, _restore, check_files,
                                            check_shapes, restore_latest_good)
-from mixtral_jax.training.trainer import Trainer, build_program
+from mixtral_jax.training.trainer import Trainer
+from mixtral_jax.training.program import build_program
 
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
         "model.hidden_dim=64", "model.moe.num_experts=4", "data.seq_len=32", "data.batch_size=8",

@@ -31,7 +31,8 @@ from mixtral_jax.training.metrics import read_metrics
 from mixtral_jax.training.preflight import check_token_ids
 from mixtral_jax.training.recovery import TMP_MARKER, restore_latest_good
 from mixtral_jax.training.run_lock import RunLock
-from mixtral_jax.training.trainer import Trainer, build_program, global_batch
+from mixtral_jax.training.trainer import Trainer, global_batch
+from mixtral_jax.training.program import build_program
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",

@@ -10,7 +10,8 @@ from mixtral_jax.config import ConfigError, load_config
 from mixtral_jax.models.params import path_name
 from mixtral_jax.parallel.mesh import batch_sharding
 from mixtral_jax.training import lora
-from mixtral_jax.training.trainer import build_program, global_batch
+from mixtral_jax.training.trainer import global_batch
+from mixtral_jax.training.program import build_program
 
 TINY = [
     "model.vocab_size=128", "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

@@ -103,7 +103,8 @@ def test_train_init_from_loads_imported_weights(imported):
     the imported run. Trainer.__init__ also trains / loads a tokenizer and sets up data, which
     this check does not need, so only the attributes `_fresh_state` reads are set."""
     from mixtral_jax.parallel.mesh import make_mesh
-    from mixtral_jax.training.trainer import Trainer, build_program
+    from mixtral_jax.training.trainer import Trainer
+    from mixtral_jax.training.program import build_program
 
     _, _, _, run = imported
     cfg = load_config(run / "config.yaml", [f"train.init_from={run}", "run.name=finetune", "mesh.fsdp=2"])

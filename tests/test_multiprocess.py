@@ -35,7 +35,8 @@ def train_losses(extra: list[str] = ()) -> dict:
     from mixtral_jax.data.pipeline import make_train_iterator
     from mixtral_jax.data.tokenizer import load_or_train_tokenizer
     from mixtral_jax.parallel.mesh import batch_sharding, make_mesh
-    from mixtral_jax.training.trainer import build_program, global_batch
+    from mixtral_jax.training.trainer import global_batch
+    from mixtral_jax.training.program import build_program
 
     cfg = load_config(str(ROOT / "configs/quickstart.yaml"), [*OVERRIDES, *extra])
     tokenizer = load_or_train_tokenizer(cfg.data, cfg.model.vocab_size)

@@ -13,7 +13,8 @@ from meshes import mesh_of as _mesh
 from mixtral_jax.config import ConfigError, MeshConfig, load_config
 from mixtral_jax.parallel.mesh import batch_sharding, make_mesh, mesh_shape
 from mixtral_jax.parallel.rules import LOGICAL_AXIS_RULES, logical_to_spec
-from mixtral_jax.training.trainer import build_program, global_batch
+from mixtral_jax.training.trainer import global_batch
+from mixtral_jax.training.program import build_program
 
 TINY = ["model.vocab_size=256", "model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.head_dim=8", "model.hidden_dim=64", "model.sliding_window=null", "model.max_seq_len=64",

@@ -19,7 +19,8 @@ from mixtral_jax.training.errors import RunError
 from mixtral_jax.training.hooks import EvalHook, LoopClock, LoopContext, loop_hooks, run_hooks
 from mixtral_jax.training.nonfinite import SKIPPED, STREAK, NonfiniteGuard
 from mixtral_jax.training.preemption import StopRequest
-from mixtral_jax.training.trainer import Trainer, build_program, global_batch
+from mixtral_jax.training.trainer import Trainer, global_batch
+from mixtral_jax.training.program import build_program
 
 TOKENS_PER_STEP = 10
 WAIT = 0.25  # data wait per step (a power of two: the window mean is exact)

@@ -97,7 +97,7 @@ def test_upcycled_run_evaluates_as_the_dense_run(runs, upcycled, capsys):
 
 def test_weights_are_copied_and_the_router_is_a_fresh_init(runs, upcycled):
     from mixtral_jax.parallel.mesh import make_mesh
-    from mixtral_jax.training.trainer import build_program
+    from mixtral_jax.training.program import build_program
 
     _, dense_dir = runs
     dense, dense_cfg, _ = load_run_model(dense_dir)

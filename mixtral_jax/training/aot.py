@@ -16,7 +16,7 @@ from mixtral_jax.config import Config, ConfigError
 from mixtral_jax.kernels.backend import Kernels
 from mixtral_jax.models.transformer import Transformer
 from mixtral_jax.parallel.mesh import MESH_AXES, batch_sharding
-from mixtral_jax.training.trainer import Program, build_program
+from mixtral_jax.training.program import Program, build_program
 
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
                 "loss_mask": jnp.float32}
