@@ -31,15 +31,10 @@ dense-equivalent (jax.profiler, XLA:CPU's per-thunk events; ops may overlap on s
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import itertools
-import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +50,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.train_step import _category, interleave, paired, ratio_line  # noqa: E402
+from benchmarks.train_step import interleave, paired, profile_ops, ratio_line  # noqa: E402
 from mixtral_jax.config import ModelConfig, MoEConfig  # noqa: E402
 from mixtral_jax.models.layers import MLP  # noqa: E402
 from mixtral_jax.models.moe import MoEBlock  # noqa: E402
@@ -204,34 +199,10 @@ def run_row(row: Row, args) -> dict[str, float | None]:
 
 
 def trace_ops(fn: Callable, args: tuple, top: int, steps: int = 3) -> dict[str, Any]:
-    """Per-op time of fn(*args) from a jax.profiler trace (compiled with XLA:CPU's per-thunk
-    events), joined with the optimized HLO: time by category (train_step.py's) and the top ops."""
+    """Per-op time of fn(*args) (train_step.py's profile_ops): time by category and the top ops."""
     compiled = fn.lower(*args).compile(compiler_options={"xla_cpu_enable_xprof_traceme": True})
-    for _ in range(2):
-        jax.block_until_ready(compiled(*args))
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(steps):
-                jax.block_until_ready(compiled(*args))
-        with gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]) as f:
-            events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    hlo = {}  # instruction name -> (opcode, shape, op_name)
-    for line in compiled.as_text().splitlines():
-        if m := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(", line):
-            source = re.search(r'op_name="([^"]*)"', line)
-            hlo[m.group(1)] = (m.group(3), m.group(2), source.group(1) if source else "")
-    ms: dict[str, float] = {}
-    for e in (e for e in events if e.get("ph") == "X" and e.get("name") in hlo):
-        ms[e["name"]] = ms.get(e["name"], 0.0) + e.get("dur", 0) / 1e3 / steps
-    wall = sum(e.get("dur", 0) for e in events if e.get("name") == "ThunkExecutor::Execute (wait for completion)")
-    cats: dict[str, float] = {}
-    for name, t in ms.items():
-        if cat := _category(name, hlo[name][0]):
-            cats[cat] = cats.get(cat, 0.0) + t
-    leaves = sorted(((t, n) for n, t in ms.items() if _category(n, hlo[n][0])), reverse=True)[:top]
-    return {"step_ms": wall / 1e3 / steps, "categories_ms": cats,
-            "top_ops": [{"op": n, "ms": t, "shape": hlo[n][1][:48], "source": hlo[n][2][-80:]} for t, n in leaves]}
+    return profile_ops(lambda: jax.block_until_ready(compiled(*args)), compiled.as_text(), steps=steps, top=top,
+                       shape_chars=48, source_chars=80)
 
 
 def breakdown(row: Row, args) -> None:

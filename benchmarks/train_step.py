@@ -246,21 +246,22 @@ def _category(name: str, opcode: str) -> str | None:
     return "collective" if opcode.startswith(("all-", "reduce-scatter", "collective")) else "other elementwise / reduce"
 
 
-def trace_breakdown(cfg: Config, top: int = 12) -> dict[str, Any]:
-    """Per-op time of our step from a jax.profiler trace (XLA:CPU emits one event per thunk when
-    compiled with xla_cpu_enable_xprof_traceme), joined with the optimized HLO for shapes and
-    source op names. Thunks may overlap, so op times can sum to more than the step; a thunk that
-    hands its work to the thread pool may end before the work does (under-counted)."""
-    step, steps = OurStep(cfg, options={"xla_cpu_enable_xprof_traceme": True}), 2
-    step(), step()
+def profile_ops(run: Callable[[], Any], hlo_text: str, *, steps: int, top: int, shape_chars: int = 40,
+                source_chars: int = 70) -> dict[str, Any]:
+    """Per-op time of `run()` (one step, run to completion, of a program compiled with
+    xla_cpu_enable_xprof_traceme, whose optimized HLO is `hlo_text`) from a jax.profiler trace of
+    `steps` runs after two warm-up runs: step time, time by category and the `top` costliest ops
+    with their shapes and source op names."""
+    run(), run()
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            [step() for _ in range(steps)]
+            for _ in range(steps):
+                run()
         with gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]) as f:
             events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     hlo = {}  # instruction name -> (opcode, shape, op_name)
-    for line in step.step.as_text().splitlines():
+    for line in hlo_text.splitlines():
         if m := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(", line):
             source = re.search(r'op_name="([^"]*)"', line)
             hlo[m.group(1)] = (m.group(3), m.group(2), source.group(1) if source else "")
@@ -274,7 +275,17 @@ def trace_breakdown(cfg: Config, top: int = 12) -> dict[str, Any]:
             cats[cat] = cats.get(cat, 0.0) + t
     leaves = sorted(((t, n) for n, t in ms.items() if _category(n, hlo[n][0])), reverse=True)[:top]
     return {"step_ms": wall / 1e3 / steps, "categories_ms": cats,
-            "top_ops": [{"op": n, "ms": t, "shape": hlo[n][1][:40], "source": hlo[n][2][-70:]} for t, n in leaves]}
+            "top_ops": [{"op": n, "ms": t, "shape": hlo[n][1][:shape_chars], "source": hlo[n][2][-source_chars:]}
+                        for t, n in leaves]}
+
+
+def trace_breakdown(cfg: Config, top: int = 12) -> dict[str, Any]:
+    """Per-op time of our step from a jax.profiler trace (XLA:CPU emits one event per thunk when
+    compiled with xla_cpu_enable_xprof_traceme), joined with the optimized HLO for shapes and
+    source op names. Thunks may overlap, so op times can sum to more than the step; a thunk that
+    hands its work to the thread pool may end before the work does (under-counted)."""
+    step = OurStep(cfg, options={"xla_cpu_enable_xprof_traceme": True})
+    return profile_ops(step, step.step.as_text(), steps=2, top=top)
 
 
 YNN_FUSION = {"xla_cpu_experimental_ynn_fusion_type":
