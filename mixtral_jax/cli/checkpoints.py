@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mixtral_jax.cli.common import add_config_arguments, add_run_argument, stdout_to_stderr
+from mixtral_jax.cli.common import add_config_arguments, add_new_run_argument, add_run_argument, stdout_to_stderr
 from mixtral_jax.config import load_config
 
 
@@ -79,8 +79,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
                     "RUN/tokenizer.model (if DIR has one). Use the run with eval, generate, export-hf or "
                     "train.init_from=RUN.")
     import_hf.add_argument("dir", metavar="DIR", help="model directory (save_pretrained output or a raw Mistral release)")
-    import_hf.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have "
-                                                                      "no checkpoints")
+    add_new_run_argument(import_hf)
     import_hf.set_defaults(func=cmd_import_hf)
 
     up = verbs.add_parser(
@@ -92,8 +91,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
                     "that sum to 1 (topk_softmax), the new model computes the dense model's function. Continue "
                     "training with train.init_from=RUN.")
     up.add_argument("--run", required=True, metavar="DENSE_RUN", help="the trained dense run directory")
-    up.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have no "
-                                                                "checkpoints")
+    add_new_run_argument(up)
     up.add_argument("--noise", type=float, default=0.0, metavar="STD",
                     help="add Gaussian noise of std STD x (the std of that layer's dense matrix) to every expert "
                          "weight, independently per expert (relative; default 0: exact copies)")

@@ -31,6 +31,12 @@ def add_run_argument(parser: argparse.ArgumentParser, help: str = "run directory
     parser.add_argument("--run", required=True, help=help)
 
 
+def add_new_run_argument(parser: argparse.ArgumentParser) -> None:
+    """--out RUN of the verbs that write a run directory (import-hf, upcycle)."""
+    parser.add_argument("--out", required=True, metavar="RUN", help="new run directory (runs/NAME); must have no "
+                                                                    "checkpoints")
+
+
 @contextlib.contextmanager
 def stdout_to_stderr() -> Iterator[None]:
     """Send everything written to stdout meanwhile (Python prints and writes to file descriptor
