@@ -103,6 +103,7 @@ def _check_keys(raw: dict, schema: type, prefix: str = "") -> None:
     """Unknown keys are named with the closest valid one, before OmegaConf sees them; so are
     values OmegaConf would coerce surprisingly (5 or 'yes' into a bool, `${...}` interpolation)."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)  # the annotations resolved (they are strings)
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
@@ -121,7 +122,7 @@ def _check_keys(raw: dict, schema: type, prefix: str = "") -> None:
             raise ConfigError(f"config key '{dotted}': must be true or false, got {value!r}")
         if fields[key].type.startswith("list") and not isinstance(value, list):  # OmegaConf: TypeError
             raise ConfigError(f"config key '{dotted}': must be a list, got {value!r}")
-        item = typing.get_args(typing.get_type_hints(schema).get(key))
+        item = typing.get_args(hints.get(key))
         if item and dataclasses.is_dataclass(item[0]):  # a list of sections (data.mixture): each entry
             for i, entry in enumerate(value):
                 if not isinstance(entry, dict):

@@ -45,18 +45,18 @@ def score_run(run_dir: Path, limit: int | None = None) -> dict[str, Any]:
     if cached is not None:
         return cached
     from mixtral_jax.downstream.adapter import MixtralLM
+    from mixtral_jax.downstream.harness import downstream_metrics
     from mixtral_jax.generate import load_tokenizer
     from mixtral_jax.training.evaluate import load_run_model
 
     print(f"[experiment] {TASK} on {run_dir.name}", flush=True)
     model, cfg, step = load_run_model(run_dir)
     results = _suite().evaluate(MixtralLM(model, load_tokenizer(run_dir, cfg), model_cfg=cfg.model), limit=limit)
-    row = results["results"][TASK]
+    figures = downstream_metrics(results)  # downstream/<task>/<metric>, as training logs them
     scores = {"task": TASK, "step": step, "limit": limit, "items": int(results["n-samples"][TASK]["effective"])}
     for metric in METRICS:
-        scores[metric] = float(row[f"{metric},none"])
-        stderr = row.get(f"{metric}_stderr,none")
-        scores[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
+        scores[metric] = figures[f"downstream/{TASK}/{metric}"]
+        scores[f"{metric}_stderr"] = figures.get(f"downstream/{TASK}/{metric}_stderr")  # None if not computed
     tmp = run_dir / f"{FILE}.tmp"
     tmp.write_text(json.dumps(scores, indent=1) + "\n")
     tmp.replace(run_dir / FILE)  # never a half-written cache
